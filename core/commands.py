@@ -1,0 +1,94 @@
+"""Built-in CLI commands: ``run``, ``resume``, ``plugins``, ``show``."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import click
+
+from .hookspecs import hookimpl
+
+
+def _default_run_dir(config_path: str, name: str | None) -> Path:
+    stem = name or Path(config_path).stem
+    return Path("runs") / re.sub(r"[^A-Za-z0-9._-]+", "-", stem)
+
+
+def _report(summary: dict) -> None:
+    best = summary.get("best")
+    if best:
+        click.echo(f"best {summary['direction'][:3]} value {best['value']:.6g} at round {best['round']} "
+                   f"(candidate {best['candidate']}); {summary['evaluations']} evaluations, "
+                   f"{summary['failures']} failed")
+    click.echo(f"run directory: {summary['run_dir']}")
+
+
+@click.command("run")
+@click.argument("config_path", metavar="RUN.yaml", type=click.Path())
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("-o", "--output", "run_dir", type=click.Path(), help="Run directory (default: runs/<name>).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in the run directory.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run_command(config_path: str, overrides: tuple[str, ...], run_dir: str | None, overwrite: bool,
+                quiet: bool) -> None:
+    """Run the optimisation described by RUN.yaml, with dotted KEY=VALUE overrides."""
+    from .config import load_config
+    from .run import start_run
+
+    config = load_config(config_path, overrides)
+    if quiet:
+        config = config.model_copy(update={"callbacks": [c for c in config.callbacks if c.name != "progress"]})
+    summary = start_run(config, run_dir or _default_run_dir(config_path, config.name), overwrite=overwrite)
+    _report(summary)
+
+
+@click.command("resume")
+@click.argument("run_dir", type=click.Path())
+@click.option("--rounds", type=click.IntRange(min=1), help="Raise the round budget.")
+@click.option("--evaluations", type=click.IntRange(min=1), help="Raise the evaluation budget.")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), help="Raise the wall-time budget.")
+def resume_command(run_dir: str, rounds: int | None, evaluations: int | None, seconds: float | None) -> None:
+    """Continue an interrupted run (or extend a finished one) exactly where it stopped."""
+    from .run import resume_run
+
+    budget = {k: v for k, v in {"rounds": rounds, "evaluations": evaluations, "seconds": seconds}.items()
+              if v is not None}
+    _report(resume_run(run_dir, budget))
+
+
+@click.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins_command(as_json: bool) -> None:
+    """List the loaded plugins and what each registers."""
+    from .plugins import get_registry
+
+    listing = get_registry().plugins()
+    if as_json:
+        click.echo(json.dumps(listing, indent=2, sort_keys=True))
+        return
+    for plugin, kinds in sorted(listing.items()):
+        click.echo(plugin)
+        for kind, names in sorted(kinds.items()):
+            click.echo(f"  {kind}: {', '.join(names)}")
+
+
+@click.command("show")
+@click.argument("run_dir", type=click.Path())
+def show_command(run_dir: str) -> None:
+    """Print a run's progress and best result (best.json)."""
+    from .errors import RunDirError
+    from .store import RunStore
+
+    store = RunStore(run_dir)
+    store.require()
+    best = store.read_best()
+    if best is None:
+        raise RunDirError(f"{run_dir}: no round has finished yet")
+    click.echo(json.dumps(best, indent=2))
+
+
+@hookimpl
+def calibri_register_commands(register):
+    for command in (run_command, resume_command, plugins_command, show_command):
+        register(command)

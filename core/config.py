@@ -1,0 +1,182 @@
+"""Run configuration: YAML + ``key=value`` overrides → a validated :class:`RunConfig`.
+
+Every user mistake surfaces as a :class:`ConfigError` naming the field, before anything runs.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import ConfigError, UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _shorthand(value: Any) -> Any:
+    """``optimizer: pycma`` means ``optimizer: {name: pycma}``."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+class PluginSpec(_Strict):
+    """A registered plugin by name, with its own options."""
+
+    name: str = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_name(cls, value: Any) -> Any:
+        return _shorthand(value)
+
+
+class OptimizerConfig(PluginSpec):
+    """``sigma``: initial step size in user units for dimensions that set none;
+    ``popsize``: candidates per round (default: the backend's, 4 + ⌊3 ln d⌋ for CMA-ES)."""
+
+    sigma: float | None = Field(default=None, gt=0)
+    popsize: int | None = Field(default=None, ge=1)
+
+
+class ExecutorConfig(PluginSpec):
+    name: str = "serial"
+    workers: int = Field(default=1, ge=1)
+    devices: list[str] | None = None
+
+
+class BudgetConfig(_Strict):
+    """Stop after whichever comes first; at least one is required."""
+
+    rounds: int | None = Field(default=None, ge=1)
+    evaluations: int | None = Field(default=None, ge=1)
+    seconds: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> "BudgetConfig":
+        if self.rounds is None and self.evaluations is None and self.seconds is None:
+            raise ValueError("give at least one of rounds, evaluations, seconds")
+        return self
+
+
+class RunConfig(_Strict):
+    """The whole run. ``space`` is a mapping of dimensions, or ``{name: ..., options: ...}``
+    naming a registered parameterisation; omitted, the objective supplies its own."""
+
+    name: str | None = None
+    seed: int = Field(default=0, ge=0)
+    objective: PluginSpec
+    space: dict[str, Any] | None = None
+    optimizer: OptimizerConfig
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    budget: BudgetConfig
+    max_failure_rate: float = Field(default=0.2, ge=0, le=1)
+    callbacks: list[PluginSpec] = Field(default_factory=lambda: [PluginSpec(name="progress")])
+    plugins: list[str] = Field(default_factory=list, description="extra plugin modules to import")
+    versions: dict[str, str] | None = Field(default=None, description="written by calibri; informational")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            value = dict(value)
+            for key in ("objective", "optimizer", "executor"):
+                if key in value:
+                    value[key] = _shorthand(value[key])
+            if isinstance(value.get("callbacks"), list):
+                value["callbacks"] = [_shorthand(item) for item in value["callbacks"]]
+        return value
+
+
+Direction = Literal["minimize", "maximize"]
+
+
+# -- loading --------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (["a", "b", "c"], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"override {text!r}", "expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if isinstance(child, str) and part in ("objective", "optimizer", "executor"):
+                child = {"name": child}
+            if child is None:
+                child = {}
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(path[: depth + 1]), f"is {child!r}, not a mapping, so {text!r} cannot set inside it")
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``, with one-line errors naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        raise UserError(f"{path}: the file is empty")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def validate(data: Mapping[str, Any]) -> RunConfig:
+    """Schema validation with the first error as a one-line :class:`ConfigError`."""
+    try:
+        return RunConfig.model_validate(data)
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        loc = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
+        field = ".".join(loc) or "config"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            parent = RunConfig
+            message = "unknown key"
+            if len(loc) == 1:
+                message += f" (known: {', '.join(RunConfig.model_fields)})"
+            _ = parent
+        elif error["type"] != "missing" and "input" in error and not isinstance(error["input"], (dict, list)):
+            message = f"{message} (got {error['input']!r})"
+        raise ConfigError(field, message) from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    return validate(apply_overrides(read_yaml(path), overrides))
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

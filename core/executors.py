@@ -1,0 +1,105 @@
+"""Built-in executors: ``serial`` (in-process) and ``process`` (one local process per device)."""
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import numpy as np
+
+from .executor import Executor, ObjectiveInfo, ObjectiveRecipe, evaluate_batch
+from .hookspecs import hookimpl
+from .objective import EvalResult, Objective, RoundContext
+from .space import Params
+
+
+class SerialExecutor(Executor):
+    """Evaluates each round as one batch in this process; the objective is built once."""
+
+    def __init__(self, recipe: ObjectiveRecipe, *, workers: int = 1, devices: list[str] | None = None) -> None:
+        self.objective: Objective = recipe.build(devices[0] if devices else None)
+
+    def describe(self) -> ObjectiveInfo:
+        return ObjectiveInfo(self.objective.direction, self.objective.space)
+
+    def evaluate(self, candidates: Sequence[Params], ctx: RoundContext) -> list[EvalResult]:
+        return evaluate_batch(self.objective, candidates, ctx)
+
+    def close(self) -> None:
+        self.objective.close()
+
+
+# -- worker-process side ----------------------------------------------------------------------
+_worker_objective: Objective | None = None
+
+
+def _init_worker(recipe: ObjectiveRecipe, devices: Any) -> None:
+    global _worker_objective
+    device = devices.get() if devices is not None else None
+    _worker_objective = recipe.build(device)
+
+
+def _worker_describe() -> ObjectiveInfo:
+    assert _worker_objective is not None
+    return ObjectiveInfo(_worker_objective.direction, _worker_objective.space)
+
+
+def _worker_evaluate(candidates: list[Params], ctx: RoundContext) -> list[EvalResult]:
+    assert _worker_objective is not None
+    return evaluate_batch(_worker_objective, candidates, ctx)
+
+
+class ProcessExecutor(Executor):
+    """A pool of local worker processes (``spawn``), each building the objective once.
+
+    ``devices`` assigns one device string per worker (``["cuda:0", "cuda:1"]``); the objective
+    factory receives it as ``device=`` if it takes that argument. A round is split into
+    contiguous chunks, one per worker, and reassembled in order, so results do not depend on
+    the number of workers. A crashed worker fails its chunk and the pool is restarted.
+    """
+
+    def __init__(self, recipe: ObjectiveRecipe, *, workers: int = 2, devices: list[str] | None = None) -> None:
+        if devices:
+            workers = len(devices)
+        self.recipe, self.workers, self.devices = recipe, workers, devices
+        self._pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        context = multiprocessing.get_context("spawn")
+        queue = None
+        if self.devices:
+            queue = context.Queue()
+            for device in self.devices:
+                queue.put(device)
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
+                                   initializer=_init_worker, initargs=(self.recipe, queue))
+
+    def describe(self) -> ObjectiveInfo:
+        return self._pool.submit(_worker_describe).result()
+
+    def evaluate(self, candidates: Sequence[Params], ctx: RoundContext) -> list[EvalResult]:
+        chunks = [list(chunk) for chunk in np.array_split(np.arange(len(candidates)), self.workers) if len(chunk)]
+        futures = [self._pool.submit(_worker_evaluate, [candidates[i] for i in chunk], ctx) for chunk in chunks]
+        results: list[EvalResult] = []
+        broken = False
+        for chunk, future in zip(chunks, futures):
+            try:
+                results.extend(future.result())
+            except BrokenProcessPool:
+                broken = True
+                results.extend(EvalResult.failure("worker process died") for _ in chunk)
+        if broken:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = self._start()
+        return results
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
+@hookimpl
+def calibri_register_executors(register):
+    register("serial", SerialExecutor)
+    register("process", ProcessExecutor)

@@ -1,0 +1,202 @@
+"""Plugin discovery and the registry of everything plugins registered.
+
+Built-in features are plugins too (:data:`DEFAULT_PLUGINS`); installed ones are found through the
+``calibri`` entry-point group. ``CALIBRI_PLUGINS`` (comma-separated entry-point names) restricts
+which installed plugins load; set it to an empty string to load none. A plugin that fails to
+import or whose hook raises is skipped with a warning naming it; a name registered twice keeps
+the first registration and warns naming both plugins.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import ConfigError
+
+ENTRY_POINT_GROUP = "calibri"
+ENV_PLUGINS = "CALIBRI_PLUGINS"
+
+#: Modules shipped with calibri that register through the public hooks.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "calibri.optimizers.random_search",
+    "calibri.optimizers.pycma_backend",
+    "calibri.optimizers.nevergrad_backend",
+    "calibri.optimizers.optuna_backend",
+    "calibri.plugins.analytic",
+    "calibri.core.executors",
+    "calibri.core.callbacks",
+    "calibri.core.commands",
+)
+
+#: Registry kinds, one per ``calibri_register_<kind>`` hook.
+KINDS: tuple[str, ...] = (
+    "optimizers", "objectives", "spaces", "executors", "rewards", "architectures", "callbacks", "commands",
+)
+
+_SINGULAR = {kind: kind[:-1] for kind in KINDS}
+
+
+class PluginWarning(UserWarning):
+    """A plugin was skipped or one of its registrations ignored."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One thing a plugin registered: its ``factory`` plus keyword ``extras`` given to register."""
+
+    kind: str
+    name: str
+    factory: Any
+    plugin: str
+    description: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Registry:
+    """Everything registered, by kind and name. The one place code looks plugins up."""
+
+    def __init__(self, manager: pluggy.PluginManager, extra_modules: tuple[str, ...] = ()) -> None:
+        self.manager = manager
+        self.extra_modules = extra_modules
+        self._items: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
+        for kind in KINDS:
+            self._collect(kind)
+
+    def _collect(self, kind: str) -> None:
+        caller = getattr(self.manager.hook, f"calibri_register_{kind}")
+        for impl in reversed(caller.get_hookimpls()):  # registration order
+            plugin = impl.plugin_name
+
+            def register(*args: Any, _plugin: str = plugin, **kwargs: Any) -> None:
+                self._add(kind, _plugin, *args, **kwargs)
+
+            try:
+                impl.function(register=register)
+            except Exception as exc:  # a broken plugin must not take the host down
+                warnings.warn(f"calibri: plugin {plugin!r} failed in calibri_register_{kind}: "
+                              f"{type(exc).__name__}: {exc}; its {kind} are skipped", PluginWarning, stacklevel=2)
+
+    def _add(self, kind: str, plugin: str, *args: Any, description: str = "", **extras: Any) -> None:
+        if kind == "commands":
+            (command,) = args
+            name, factory = command.name, command
+        else:
+            name, factory = args
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"register() needs a non-empty name, got {name!r}")
+        if name in self._items[kind]:
+            first = self._items[kind][name].plugin
+            warnings.warn(f"calibri: plugin {plugin!r} registers {_SINGULAR[kind]} {name!r}, already registered by "
+                          f"{first!r}; keeping {first!r}'s", PluginWarning, stacklevel=3)
+            return
+        if not description:
+            doc = getattr(factory, "__doc__", None) or ""
+            description = doc.strip().splitlines()[0] if doc.strip() else ""
+        self._items[kind][name] = Registration(kind, name, factory, plugin, description, extras)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._items[kind])
+
+    def items(self, kind: str) -> list[Registration]:
+        return [self._items[kind][name] for name in self.names(kind)]
+
+    def get(self, kind: str, name: str, field_path: str | None = None) -> Registration:
+        """The registration, or a :class:`ConfigError` on ``field_path`` listing what exists."""
+        try:
+            return self._items[kind][name]
+        except KeyError:
+            available = ", ".join(self.names(kind)) or "none"
+            raise ConfigError(field_path or f"{_SINGULAR[kind]}",
+                              f"unknown {_SINGULAR[kind]} {name!r} (available: {available})") from None
+
+    def plugins(self) -> dict[str, dict[str, list[str]]]:
+        """Per plugin, what it registered: ``{plugin: {kind: [names]}}``."""
+        out: dict[str, dict[str, list[str]]] = {}
+        for name, plugin in self.manager.list_name_plugin():
+            if plugin is not None:
+                out.setdefault(name, {})
+        for kind in KINDS:
+            for reg in self.items(kind):
+                out.setdefault(reg.plugin, {}).setdefault(kind, []).append(reg.name)
+        return out
+
+
+def _allowed_entry_points() -> set[str] | None:
+    value = os.environ.get(ENV_PLUGINS)
+    if value is None:
+        return None
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def build_manager(extra_modules: Iterable[str] = (), load_entry_points: bool = True) -> pluggy.PluginManager:
+    """A plugin manager with the built-ins, allowed installed plugins and ``extra_modules``."""
+    pm = pluggy.PluginManager("calibri")
+    pm.add_hookspecs(hookspecs)
+    for module_name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(module_name), name=module_name)
+    if load_entry_points:
+        allowed = _allowed_entry_points()
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if allowed is not None and ep.name not in allowed:
+                continue
+            if pm.get_plugin(ep.name) is not None:
+                continue
+            try:
+                pm.register(ep.load(), name=ep.name)
+            except Exception as exc:
+                warnings.warn(f"calibri: plugin {ep.name!r} ({ep.value}) failed to load: "
+                              f"{type(exc).__name__}: {exc}; skipped", PluginWarning, stacklevel=2)
+    for module_name in extra_modules:
+        if pm.get_plugin(module_name) is None:
+            pm.register(importlib.import_module(module_name), name=module_name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        warnings.warn(f"calibri: {exc}", PluginWarning, stacklevel=2)
+    return pm
+
+
+_registry: Registry | None = None
+_extra_modules: tuple[str, ...] = ()
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use."""
+    global _registry
+    if _registry is None:
+        _registry = Registry(build_manager(_extra_modules), _extra_modules)
+    return _registry
+
+
+def add_plugin_modules(*module_names: str) -> Registry:
+    """Register extra plugin modules by import path (they also load in worker processes)."""
+    global _extra_modules, _registry
+    _extra_modules = tuple(dict.fromkeys(_extra_modules + module_names))
+    _registry = None
+    return get_registry()
+
+
+def reset_registry(extra_modules: tuple[str, ...] = ()) -> None:
+    """Forget the registry (tests; after installing a plugin in-process)."""
+    global _registry, _extra_modules
+    _registry = None
+    _extra_modules = tuple(extra_modules)
+
+
+def build_from(registration: Registration, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a plugin's factory; an import error for an optional dependency becomes a clear message."""
+    try:
+        return call(*args, **kwargs)
+    except ModuleNotFoundError as exc:
+        from .errors import PluginError
+        raise PluginError(f"{_SINGULAR[registration.kind]} {registration.name!r} needs the package "
+                          f"{exc.name!r}, which is not installed (try: pip install 'calibri[all]')") from None
+

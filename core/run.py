@@ -1,0 +1,278 @@
+"""The run loop: ask → evaluate → tell, one round at a time, checkpointed after every round.
+
+Determinism: the round seed is a pure function of (run seed, round); candidate values depend only
+on the candidate and its round context; the optimiser's and the data stream's states, and the
+global RNGs, are checkpointed after each round. So a run killed at any point and resumed ends with
+exactly the trajectory of an uninterrupted one, whatever the number of workers.
+"""
+from __future__ import annotations
+
+import platform
+import random
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .callbacks import RoundRecord, RunInfo
+from .config import RunConfig, dump_config, validate
+from .errors import ConfigError, RunFailed
+from .executor import Executor, ObjectiveRecipe
+from .objective import RoundContext, to_loss
+from .optimizer import Optimizer, OptimizerSettings
+from .options import validate_options
+from .plugins import Registration, add_plugin_modules, build_from, get_registry
+from .space import Space, to_jsonable
+from .store import RunStore
+
+VERSIONED_PACKAGES = ("calibri", "numpy", "pluggy", "pydantic", "cma", "nevergrad", "optuna", "torch", "diffusers")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The seed all candidates of a round share (common random numbers); stateless."""
+    return int(np.random.SeedSequence([seed, round_index]).generate_state(1, dtype=np.uint32)[0])
+
+
+@dataclass
+class Plan:
+    """A config checked against the registry: everything resolved that can be without building
+    the objective."""
+
+    config: RunConfig
+    objective: Registration
+    optimizer: Registration
+    executor: Registration
+    callbacks: list[tuple[Registration, dict[str, Any]]]
+    recipe: ObjectiveRecipe
+    space: Space | None
+    optimizer_options: dict[str, Any]
+    executor_options: dict[str, Any]
+
+
+def plan(config: RunConfig) -> Plan:
+    """Resolve plugin names and options and the space; raises :class:`ConfigError` on any mistake."""
+    registry = add_plugin_modules(*config.plugins) if config.plugins else get_registry()
+    objective = registry.get("objectives", config.objective.name, "objective.name")
+    objective_options = validate_options(objective.factory, config.objective.options, "objective.options",
+                                         reserved=("device",))
+    optimizer = registry.get("optimizers", config.optimizer.name, "optimizer.name")
+    optimizer_options = validate_options(optimizer.factory, config.optimizer.options, "optimizer.options", skip=2)
+    executor = registry.get("executors", config.executor.name, "executor.name")
+    executor_options = validate_options(executor.factory, config.executor.options, "executor.options", skip=1,
+                                        reserved=("workers", "devices"))
+    callbacks = []
+    for i, spec in enumerate(config.callbacks):
+        reg = registry.get("callbacks", spec.name, f"callbacks.{i}.name")
+        callbacks.append((reg, validate_options(reg.factory, spec.options, f"callbacks.{i}.options")))
+
+    space = resolve_space(config, objective, objective_options)
+    if space is not None:
+        check_space(space, optimizer)
+    recipe = ObjectiveRecipe(config.objective.name, objective_options, tuple(config.plugins))
+    return Plan(config, objective, optimizer, executor, callbacks, recipe, space, optimizer_options,
+                executor_options)
+
+
+def resolve_space(config: RunConfig, objective: Registration, objective_options: dict[str, Any]) -> Space | None:
+    if config.space is not None:
+        named = config.space.get("name")
+        if isinstance(named, str):
+            registry = get_registry()
+            reg = registry.get("spaces", named, "space.name")
+            options = validate_options(reg.factory, config.space.get("options", {}), "space.options")
+            unknown = set(config.space) - {"name", "options"}
+            if unknown:
+                raise ConfigError(f"space.{sorted(unknown)[0]}", "unknown key next to a named space (known: name, options)")
+            return build_from(reg, reg.factory, **options)
+        for key, entry in config.space.items():
+            if not isinstance(entry, dict):
+                raise ConfigError(f"space.{key}", f"expected a mapping with type/low/high, got {entry!r}")
+        return Space.from_config(config.space)
+    provider = objective.extras.get("space")
+    if provider is not None:
+        return build_from(objective, provider, **objective_options)
+    return None
+
+
+def check_space(space: Space, optimizer: Registration) -> None:
+    kinds = optimizer.extras.get("kinds") or getattr(optimizer.factory, "kinds", None) or {"float", "int"}
+    space.check_kinds(kinds, f"optimizer {optimizer.name!r}")
+
+
+class Runner:
+    """Executes a :class:`Plan` in a run directory (fresh, or resumed from its checkpoint)."""
+
+    def __init__(self, plan_: Plan, store: RunStore) -> None:
+        self.plan = plan_
+        self.config = plan_.config
+        self.store = store
+
+    def _build_optimizer(self, space: Space) -> Optimizer:
+        reg = self.plan.optimizer
+        settings = OptimizerSettings(seed=self.config.seed, sigma=self.config.optimizer.sigma,
+                                     popsize=self.config.optimizer.popsize, workdir=self.store.optimizer_dir)
+        return build_from(reg, reg.factory, space, settings, **self.plan.optimizer_options)
+
+    def _build_executor(self) -> Executor:
+        reg = self.plan.executor
+        cfg = self.config.executor
+        return build_from(reg, reg.factory, self.plan.recipe, workers=cfg.workers, devices=cfg.devices,
+                          **self.plan.executor_options)
+
+    def _build_stream(self) -> Any:
+        provider = self.plan.objective.extras.get("stream")
+        if provider is None:
+            return None
+        return build_from(self.plan.objective, provider, seed=self.config.seed, **self.plan.recipe.options)
+
+    def execute(self, resume: bool = False) -> dict[str, Any]:
+        config, store = self.config, self.store
+        callbacks = [build_from(reg, reg.factory, **options) for reg, options in self.plan.callbacks]
+        with self._build_executor() as executor:
+            info = executor.describe()
+            space = self.plan.space or info.space
+            if space is None:
+                raise ConfigError("space", f"objective {config.objective.name!r} defines no space; give one under space:")
+            if self.plan.space is None:
+                check_space(space, self.plan.optimizer)
+            direction = info.direction
+            optimizer = self._build_optimizer(space)
+            stream = self._build_stream()
+            state = store.load_checkpoint() if resume else None
+            if state is not None:
+                store.truncate_trials(state["n_evals"])
+                optimizer.load_state_dict(state["optimizer"])
+                if stream is not None and state.get("stream") is not None:
+                    stream.load_state_dict(state["stream"])
+                random.setstate(state["rng"]["python"])
+                np.random.set_state(state["rng"]["numpy"])
+            else:
+                store.truncate_trials(0)
+                state = {"round": 0, "n_evals": 0, "n_failed": 0, "elapsed": 0.0, "best": None,
+                         "finished": False, "last_error": None}
+
+            budget = config.budget
+            for cb in callbacks:
+                _call(cb, "on_run_start", RunInfo(str(store.path), direction, state["round"], budget.rounds,
+                                                  budget.evaluations, resume))
+            started = time.monotonic() - state["elapsed"]
+            while not self._done(state, started):
+                self._one_round(state, executor, optimizer, stream, space, direction)
+                state["elapsed"] = time.monotonic() - started
+                state["finished"] = self._done(state, started)
+                store.save_checkpoint({**state, "optimizer": optimizer.state_dict(),
+                                       "stream": stream.state_dict() if stream is not None else None,
+                                       "rng": {"python": random.getstate(), "numpy": np.random.get_state()}})
+                store.write_best(self._best_json(state, optimizer, space, direction))
+                record = RoundRecord(state["round"] - 1, state["n_evals"], state["n_failed"],
+                                     state["round_best"], state["best"]["value"] if state["best"] else None,
+                                     state["elapsed"])
+                for cb in callbacks:
+                    _call(cb, "on_round_end", record)
+                if state["n_failed"] > config.max_failure_rate * state["n_evals"]:
+                    raise RunFailed(f"{state['n_failed']} of {state['n_evals']} evaluations failed, more than "
+                                    f"max_failure_rate={config.max_failure_rate:g}; last error: {state['last_error']}")
+            summary = self._summary(state, optimizer, space, direction)
+            for cb in callbacks:
+                _call(cb, "on_run_end", summary)
+            return summary
+
+    def _done(self, state: dict[str, Any], started: float) -> bool:
+        budget = self.config.budget
+        return ((budget.rounds is not None and state["round"] >= budget.rounds)
+                or (budget.evaluations is not None and state["n_evals"] >= budget.evaluations)
+                or (budget.seconds is not None and time.monotonic() - started >= budget.seconds))
+
+    def _one_round(self, state: dict[str, Any], executor: Executor, optimizer: Optimizer, stream: Any,
+                   space: Space, direction: str) -> None:
+        budget = self.config.budget
+        n = optimizer.popsize
+        if budget.evaluations is not None:
+            n = min(n, budget.evaluations - state["n_evals"])
+        index = state["round"]
+        data = stream.next_round(index) if stream is not None else {}
+        ctx = RoundContext(round=index, seed=round_seed(self.config.seed, index), data=data)
+        candidates = optimizer.ask(n)
+        results = executor.evaluate(candidates, ctx)
+        records, losses = [], []
+        round_best = None
+        for offset, (params, result) in enumerate(zip(candidates, results)):
+            candidate_id = state["n_evals"] + offset
+            records.append({"round": index, "candidate": candidate_id, "params": to_jsonable(params),
+                            "value": result.value, "metrics": result.metrics, "artifacts": result.artifacts,
+                            "seed": ctx.seed, "wall_time": result.wall_time, "status": result.status,
+                            **({"error": result.error} if result.error else {})})
+            if result.ok:
+                losses.append(to_loss(result.value, direction))
+                if round_best is None or to_loss(result.value, direction) < to_loss(round_best, direction):
+                    round_best = result.value
+                best = state["best"]
+                if best is None or to_loss(result.value, direction) < to_loss(best["value"], direction):
+                    state["best"] = {"value": result.value, "params": to_jsonable(params), "round": index,
+                                     "candidate": candidate_id}
+            else:
+                losses.append(None)
+                state["n_failed"] += 1
+                state["last_error"] = result.error
+        self.store.append_trials(records)
+        optimizer.tell(candidates, losses)
+        state["round"] = index + 1
+        state["n_evals"] += len(candidates)
+        state["round_best"] = round_best
+
+    def _best_json(self, state: dict[str, Any], optimizer: Optimizer, space: Space, direction: str) -> dict[str, Any]:
+        return {"direction": direction, "best": state["best"], "recommendation": to_jsonable(optimizer.recommend()),
+                "rounds": state["round"], "evaluations": state["n_evals"], "failures": state["n_failed"],
+                "elapsed_seconds": round(state["elapsed"], 3), "finished": state["finished"]}
+
+    def _summary(self, state: dict[str, Any], optimizer: Optimizer, space: Space, direction: str) -> dict[str, Any]:
+        return {"run_dir": str(self.store.path), **self._best_json(state, optimizer, space, direction)}
+
+
+def _call(callback: Any, method: str, argument: Any) -> None:
+    handler = getattr(callback, method, None)
+    if handler is not None:
+        handler(argument)
+
+
+def start_run(config: RunConfig, run_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Validate, create the run directory (config.yaml resolved) and run to the budget."""
+    plan_ = plan(config)
+    resolved = config.model_copy(update={"versions": package_versions()})
+    if plan_.space is not None and config.space is None:
+        resolved = resolved.model_copy(update={"space": plan_.space.to_config()})
+    store = RunStore(run_dir)
+    store.create(dump_config(resolved), overwrite=overwrite)
+    return Runner(plan_, store).execute(resume=False)
+
+
+def resume_run(run_dir: str | Path, budget_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Continue a run from its newest readable checkpoint (or from the start if it has none)."""
+    from .config import read_yaml
+
+    store = RunStore(run_dir)
+    store.require()
+    data = read_yaml(store.config_path)
+    if budget_overrides:
+        data.setdefault("budget", {}).update(budget_overrides)
+    config = validate(data)
+    if budget_overrides:
+        from .store import atomic_write_text
+        atomic_write_text(store.config_path, dump_config(config))
+    if store.load_checkpoint() is None:  # killed before the first checkpoint: start over
+        for path in store.optimizer_dir.glob("*"):
+            path.unlink()
+    return Runner(plan(config), store).execute(resume=True)

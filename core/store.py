@@ -1,0 +1,166 @@
+"""The run directory: resolved config, trials log, atomic checkpoints, best result.
+
+Layout::
+
+    RUN_DIR/config.yaml        the fully resolved config (with package versions)
+    RUN_DIR/trials.jsonl       one JSON line per evaluation, appended after each round
+    RUN_DIR/checkpoint/        state-<round>.pkl, written atomically after each round (last 2 kept)
+    RUN_DIR/optimizer/         files a backend keeps (optuna's journal)
+    RUN_DIR/best.json          best evaluated point, the optimiser's recommendation, progress
+
+Checkpoints are pickles (optimiser libraries' states are Python objects): load only run
+directories you trust. A checkpoint records how many trial lines it covers, so a resume cuts
+``trials.jsonl`` back to that count, which also drops a line half-written by a killed process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .errors import RunDirError
+
+CHECKPOINT_FORMAT = 1
+KEEP_CHECKPOINTS = 2
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class RunStore:
+    """Reads and writes one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    trials_path = property(lambda self: self.path / "trials.jsonl")
+    best_path = property(lambda self: self.path / "best.json")
+    checkpoint_dir = property(lambda self: self.path / "checkpoint")
+    optimizer_dir = property(lambda self: self.path / "optimizer")
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.config_path.exists()
+
+    def create(self, config_text: str, overwrite: bool = False) -> None:
+        """Start a fresh run directory; refuses to replace an existing run unless ``overwrite``."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path}: exists and is not a directory")
+        if self.exists():
+            if not overwrite:
+                state = "finished" if self.is_finished() else "unfinished (continue it with: calibri resume " \
+                                                           f"{self.path})"
+                raise RunDirError(f"{self.path}: holds a {state} run; pass --overwrite to replace it")
+            for child in ("trials.jsonl", "best.json", "config.yaml"):
+                (self.path / child).unlink(missing_ok=True)
+            for child in (self.checkpoint_dir, self.optimizer_dir):
+                shutil.rmtree(child, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config_path, config_text)
+
+    def require(self) -> None:
+        if not self.path.is_dir():
+            raise RunDirError(f"{self.path}: no such run directory")
+        if not self.exists():
+            raise RunDirError(f"{self.path}: not a calibri run directory (no config.yaml)")
+
+    # -- trials -------------------------------------------------------------------------------
+    def append_trials(self, records: list[dict[str, Any]]) -> None:
+        lines = "".join(json.dumps(record, allow_nan=False) + "\n" for record in records)
+        with open(self.trials_path, "a", encoding="utf-8") as handle:
+            handle.write(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_trials(self) -> list[dict[str, Any]]:
+        """Every complete line; a truncated or corrupt last line is ignored."""
+        if not self.trials_path.exists():
+            return []
+        out = []
+        for line in self.trials_path.read_text(encoding="utf-8").splitlines(keepends=True):
+            if not line.endswith("\n"):
+                break
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return out
+
+    def truncate_trials(self, count: int) -> None:
+        """Keep the first ``count`` lines (what the checkpoint covers)."""
+        if not self.trials_path.exists():
+            if count:
+                raise RunDirError(f"{self.trials_path}: missing, but the checkpoint covers {count} trials")
+            return
+        kept = 0
+        offset = 0
+        with open(self.trials_path, "rb") as handle:
+            for line in handle:
+                if kept == count:
+                    break
+                if not line.endswith(b"\n"):
+                    break
+                kept += 1
+                offset += len(line)
+        if kept < count:
+            raise RunDirError(f"{self.trials_path}: has {kept} complete lines, the checkpoint covers {count}")
+        with open(self.trials_path, "r+b") as handle:
+            handle.truncate(offset)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        state = {"format": CHECKPOINT_FORMAT, **state}
+        path = self.checkpoint_dir / f"state-{state['round']:08d}.pkl"
+        atomic_write_bytes(path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+        for old in sorted(self.checkpoint_dir.glob("state-*.pkl"))[:-KEEP_CHECKPOINTS]:
+            old.unlink(missing_ok=True)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The newest readable checkpoint; unreadable ones (half-written, corrupt) are skipped."""
+        for path in sorted(self.checkpoint_dir.glob("state-*.pkl"), reverse=True):
+            try:
+                with open(path, "rb") as handle:
+                    state = pickle.load(handle)
+                if state.get("format") != CHECKPOINT_FORMAT:
+                    raise ValueError(f"unknown checkpoint format {state.get('format')!r}")
+                return state
+            except Exception as exc:
+                warnings.warn(f"calibri: skipping unreadable checkpoint {path}: {type(exc).__name__}: {exc}",
+                              RuntimeWarning, stacklevel=2)
+        return None
+
+    def is_finished(self) -> bool:
+        state = self.load_checkpoint() if self.checkpoint_dir.exists() else None
+        return bool(state and state.get("finished"))
+
+    # -- best -------------------------------------------------------------------------------
+    def write_best(self, best: dict[str, Any]) -> None:
+        atomic_write_text(self.best_path, json.dumps(best, indent=2, allow_nan=False) + "\n")
+
+    def read_best(self) -> dict[str, Any] | None:
+        if not self.best_path.exists():
+            return None
+        return json.loads(self.best_path.read_text(encoding="utf-8"))

@@ -1,0 +1,111 @@
+"""nevergrad backends: CMA-ES built explicitly with ``ParametrizedCMA``, plus DE, PSO, (1+1).
+
+nevergrad searches standardised coordinates ``u = (z - z0) / σ`` (``z`` the space's search
+coordinates, ``σ`` the per-dimension user step sizes), so nevergrad's unit step size is exactly
+the user's σ. The parametrisation is left unbounded on purpose: nevergrad shrinks CMA's σ by
+0.15–0.3 on fully bounded spaces; bounds are applied when mapping back (clipping, like
+nevergrad's ``clipping`` bound method).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from calibri.core.hookspecs import hookimpl
+from calibri.core.optimizer import Optimizer, OptimizerSettings, fill_failed
+from calibri.core.space import Params, Space
+
+
+class NevergradOptimizer(Optimizer):
+    """Base for nevergrad backends; subclasses say how to build the nevergrad optimiser."""
+
+    #: nevergrad's registry name, or None for a configured family built by :meth:`_build`.
+    registry_name: ClassVar[str | None] = None
+
+    def __init__(self, space: Space, settings: OptimizerSettings) -> None:
+        super().__init__(space, settings)
+        import nevergrad as ng
+
+        self._z0 = space.search_x0()
+        self._sigmas = space.search_sigmas(settings.sigma)
+        parametrization = ng.p.Array(init=np.zeros(len(space)))
+        parametrization.random_state = np.random.RandomState(settings.seed % 2**32)
+        self.ng_optimizer = self._build(ng, parametrization)
+        self.ng_optimizer.suggest(np.zeros(len(space)))  # x0 is the first candidate
+        self._pending: list[Any] = []
+
+    def _build(self, ng: Any, parametrization: Any) -> Any:
+        return ng.optimizers.registry[self.registry_name](
+            parametrization=parametrization, budget=None, num_workers=self.popsize)
+
+    def _to_params(self, u: np.ndarray) -> Params:
+        return self.space.from_search(self._z0 + self._sigmas * np.asarray(u, dtype=np.float64))
+
+    def ask(self, n: int) -> list[Params]:
+        self._pending = [self.ng_optimizer.ask() for _ in range(n)]
+        return [self._to_params(candidate.value) for candidate in self._pending]
+
+    def tell(self, candidates: Sequence[Params], losses: Sequence[float | None]) -> None:
+        if len(losses) != len(self._pending):
+            raise ValueError(f"told {len(losses)} losses for {len(self._pending)} asked candidates")
+        for candidate, loss in zip(self._pending, fill_failed(losses)):
+            self.ng_optimizer.tell(candidate, loss)
+        self._pending = []
+
+    def recommend(self) -> Params:
+        return self._to_params(self.ng_optimizer.provide_recommendation().value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.ng_optimizer}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ng_optimizer = state["optimizer"]
+
+
+class NevergradCMA(NevergradOptimizer):
+    """Full-covariance, non-elitist CMA-ES (``ng.families.ParametrizedCMA``), σ in user units."""
+
+    def __init__(self, space: Space, settings: OptimizerSettings, *, diagonal: bool = False,
+                 elitist: bool = False) -> None:
+        self._diagonal, self._elitist = diagonal, elitist
+        super().__init__(space, settings)
+
+    def _build(self, ng: Any, parametrization: Any) -> Any:
+        family = ng.families.ParametrizedCMA(scale=1.0, popsize=self.popsize, diagonal=self._diagonal,
+                                             elitist=self._elitist)
+        return family(parametrization=parametrization, budget=None, num_workers=self.popsize)
+
+
+class NevergradDE(NevergradOptimizer):
+    """Differential evolution (nevergrad ``TwoPointsDE``)."""
+
+    registry_name = "TwoPointsDE"
+
+
+class NevergradPSO(NevergradOptimizer):
+    """Particle swarm optimisation (nevergrad ``PSO``)."""
+
+    registry_name = "PSO"
+
+
+class NevergradOnePlusOne(NevergradOptimizer):
+    """(1+1) evolution strategy with one-fifth-rule step size (nevergrad ``OnePlusOne``)."""
+
+    registry_name = "OnePlusOne"
+
+
+#: Only optimisers seen working with current numpy (NGOpt-family selectors crash with numpy >= 2.3).
+NEVERGRAD_OPTIMIZERS: dict[str, type[NevergradOptimizer]] = {
+    "nevergrad.cma": NevergradCMA,
+    "nevergrad.de": NevergradDE,
+    "nevergrad.pso": NevergradPSO,
+    "nevergrad.oneplusone": NevergradOnePlusOne,
+}
+
+
+@hookimpl
+def calibri_register_optimizers(register):
+    for name, cls in NEVERGRAD_OPTIMIZERS.items():
+        register(name, cls)

@@ -1,0 +1,1 @@
+"""Plugins shipped with calibri (objectives and problem families), each registering through hooks."""
