@@ -37,9 +37,8 @@ def run_command(config_path: str, overrides: tuple[str, ...], run_dir: str | Non
     from .run import start_run
 
     config = load_config(config_path, overrides)
-    if quiet:
-        config = config.model_copy(update={"callbacks": [c for c in config.callbacks if c.name != "progress"]})
-    summary = start_run(config, run_dir or _default_run_dir(config_path, config.name), overwrite=overwrite)
+    summary = start_run(config, run_dir or _default_run_dir(config_path, config.name), overwrite=overwrite,
+                        quiet=quiet)
     _report(summary)
 
 
@@ -48,13 +47,15 @@ def run_command(config_path: str, overrides: tuple[str, ...], run_dir: str | Non
 @click.option("--rounds", type=click.IntRange(min=1), help="Raise the round budget.")
 @click.option("--evaluations", type=click.IntRange(min=1), help="Raise the evaluation budget.")
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True), help="Raise the wall-time budget.")
-def resume_command(run_dir: str, rounds: int | None, evaluations: int | None, seconds: float | None) -> None:
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def resume_command(run_dir: str, rounds: int | None, evaluations: int | None, seconds: float | None,
+                   quiet: bool) -> None:
     """Continue an interrupted run (or extend a finished one) exactly where it stopped."""
     from .run import resume_run
 
     budget = {k: v for k, v in {"rounds": rounds, "evaluations": evaluations, "seconds": seconds}.items()
               if v is not None}
-    _report(resume_run(run_dir, budget))
+    _report(resume_run(run_dir, budget, quiet=quiet))
 
 
 @click.command("plugins")

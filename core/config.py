@@ -70,13 +70,15 @@ class RunConfig(_Strict):
     naming a registered parameterisation; omitted, the objective supplies its own."""
 
     name: str | None = None
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, strict=True)
     objective: PluginSpec
     space: dict[str, Any] | None = None
     optimizer: OptimizerConfig
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     budget: BudgetConfig
     max_failure_rate: float = Field(default=0.2, ge=0, le=1)
+    fsync: bool = Field(default=False, description="fsync run files every round: survive power loss, not "
+                                                   "only a killed process (costs milliseconds per round)")
     callbacks: list[PluginSpec] = Field(default_factory=lambda: [PluginSpec(name="progress")])
     plugins: list[str] = Field(default_factory=list, description="extra plugin modules to import")
     versions: dict[str, str] | None = Field(default=None, description="written by calibri; informational")
@@ -164,11 +166,9 @@ def validate(data: Mapping[str, Any]) -> RunConfig:
         field = ".".join(loc) or "config"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            parent = RunConfig
             message = "unknown key"
             if len(loc) == 1:
                 message += f" (known: {', '.join(RunConfig.model_fields)})"
-            _ = parent
         elif error["type"] != "missing" and "input" in error and not isinstance(error["input"], (dict, list)):
             message = f"{message} (got {error['input']!r})"
         raise ConfigError(field, message) from None

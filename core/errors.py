@@ -22,6 +22,9 @@ class ConfigError(UserError):
         self.message = message
         super().__init__(f"{field}: {message}" if field else message)
 
+    def __reduce__(self):  # rebuilt from (field, message) when it crosses a process boundary
+        return (type(self), (self.field, self.message))
+
 
 class RunDirError(UserError):
     """A run directory is missing, unreadable, or would be overwritten."""

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .executor import Executor, ObjectiveInfo, ObjectiveRecipe, evaluate_batch
+from .errors import PluginError
 from .hookspecs import hookimpl
 from .objective import EvalResult, Objective, RoundContext
 from .space import Params
@@ -32,23 +33,34 @@ class SerialExecutor(Executor):
 
 
 # -- worker-process side ----------------------------------------------------------------------
+_worker_recipe: ObjectiveRecipe | None = None
+_worker_device: str | None = None
 _worker_objective: Objective | None = None
 
 
 def _init_worker(recipe: ObjectiveRecipe, devices: Any) -> None:
+    global _worker_recipe, _worker_device
+    _worker_recipe = recipe
+    _worker_device = devices.get() if devices is not None else None
+
+
+def _objective() -> Objective:
+    """This worker's objective, built on first use (so a build error reaches the caller as an
+    exception rather than breaking the pool) and kept for the worker's life."""
     global _worker_objective
-    device = devices.get() if devices is not None else None
-    _worker_objective = recipe.build(device)
+    if _worker_objective is None:
+        assert _worker_recipe is not None
+        _worker_objective = _worker_recipe.build(_worker_device)
+    return _worker_objective
 
 
 def _worker_describe() -> ObjectiveInfo:
-    assert _worker_objective is not None
-    return ObjectiveInfo(_worker_objective.direction, _worker_objective.space)
+    objective = _objective()
+    return ObjectiveInfo(objective.direction, objective.space)
 
 
 def _worker_evaluate(candidates: list[Params], ctx: RoundContext) -> list[EvalResult]:
-    assert _worker_objective is not None
-    return evaluate_batch(_worker_objective, candidates, ctx)
+    return evaluate_batch(_objective(), candidates, ctx)
 
 
 class ProcessExecutor(Executor):
@@ -77,7 +89,10 @@ class ProcessExecutor(Executor):
                                    initializer=_init_worker, initargs=(self.recipe, queue))
 
     def describe(self) -> ObjectiveInfo:
-        return self._pool.submit(_worker_describe).result()
+        try:
+            return self._pool.submit(_worker_describe).result()
+        except BrokenProcessPool as exc:
+            raise PluginError(f"a worker process died while building objective {self.recipe.name!r}: {exc}") from None
 
     def evaluate(self, candidates: Sequence[Params], ctx: RoundContext) -> list[EvalResult]:
         chunks = [list(chunk) for chunk in np.array_split(np.arange(len(candidates)), self.workers) if len(chunk)]

@@ -7,9 +7,11 @@ exactly the trajectory of an uninterrupted one, whatever the number of workers.
 """
 from __future__ import annotations
 
+import importlib
 import platform
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -27,6 +29,10 @@ from .options import validate_options
 from .plugins import Registration, add_plugin_modules, build_from, get_registry
 from .space import Space, to_jsonable
 from .store import RunStore
+
+#: best.json is a convenience view (the checkpoint is the record): rewritten when the best improves,
+#: at most this often in seconds, and when the run finishes. Replacing a file costs ~1 ms on ext4.
+BEST_JSON_INTERVAL = 1.0
 
 VERSIONED_PACKAGES = ("calibri", "numpy", "pluggy", "pydantic", "cma", "nevergrad", "optuna", "torch", "diffusers")
 
@@ -61,13 +67,25 @@ class Plan:
     optimizer_options: dict[str, Any]
     executor_options: dict[str, Any]
 
+    def drop_callback(self, name: str) -> None:
+        """Leave out a (validated) callback in this process, e.g. ``progress`` for ``--quiet``."""
+        self.callbacks = [(reg, options) for reg, options in self.callbacks if reg.name != name]
+
 
 def plan(config: RunConfig) -> Plan:
     """Resolve plugin names and options and the space; raises :class:`ConfigError` on any mistake."""
+    for i, module_name in enumerate(config.plugins):
+        try:
+            importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"plugins.{i}", f"cannot import plugin module {module_name!r}: {exc}") from None
     registry = add_plugin_modules(*config.plugins) if config.plugins else get_registry()
     objective = registry.get("objectives", config.objective.name, "objective.name")
     objective_options = validate_options(objective.factory, config.objective.options, "objective.options",
                                          reserved=("device",))
+    check = objective.extras.get("check")
+    if check is not None:  # the plugin's cheap checks of its options, before anything is built
+        build_from(objective, check, **objective_options)
     optimizer = registry.get("optimizers", config.optimizer.name, "optimizer.name")
     optimizer_options = validate_options(optimizer.factory, config.optimizer.options, "optimizer.options", skip=2)
     executor = registry.get("executors", config.executor.name, "executor.name")
@@ -138,7 +156,9 @@ class Runner:
             return None
         return build_from(self.plan.objective, provider, seed=self.config.seed, **self.plan.recipe.options)
 
-    def execute(self, resume: bool = False) -> dict[str, Any]:
+    def execute(self, resume: bool = False, create: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Run to the budget. ``create`` (a fresh run) makes the run directory once the objective
+        is built and its space checked, so a config rejected until then leaves nothing behind."""
         config, store = self.config, self.store
         callbacks = [build_from(reg, reg.factory, **options) for reg, options in self.plan.callbacks]
         with self._build_executor() as executor:
@@ -148,6 +168,8 @@ class Runner:
                 raise ConfigError("space", f"objective {config.objective.name!r} defines no space; give one under space:")
             if self.plan.space is None:
                 check_space(space, self.plan.optimizer)
+            if create is not None:
+                create()
             direction = info.direction
             optimizer = self._build_optimizer(space)
             stream = self._build_stream()
@@ -169,6 +191,7 @@ class Runner:
                 _call(cb, "on_run_start", RunInfo(str(store.path), direction, state["round"], budget.rounds,
                                                   budget.evaluations, resume))
             started = time.monotonic() - state["elapsed"]
+            best_pending, best_written = False, -float("inf")
             while not self._done(state, started):
                 self._one_round(state, executor, optimizer, stream, space, direction)
                 state["elapsed"] = time.monotonic() - started
@@ -176,7 +199,10 @@ class Runner:
                 store.save_checkpoint({**state, "optimizer": optimizer.state_dict(),
                                        "stream": stream.state_dict() if stream is not None else None,
                                        "rng": {"python": random.getstate(), "numpy": np.random.get_state()}})
-                store.write_best(self._best_json(state, optimizer, space, direction))
+                best_pending = best_pending or state["best_changed"]
+                if state["finished"] or (best_pending and time.monotonic() - best_written >= BEST_JSON_INTERVAL):
+                    store.write_best(self._best_json(state, optimizer, space, direction))
+                    best_pending, best_written = False, time.monotonic()
                 record = RoundRecord(state["round"] - 1, state["n_evals"], state["n_failed"],
                                      state["round_best"], state["best"]["value"] if state["best"] else None,
                                      state["elapsed"])
@@ -209,6 +235,7 @@ class Runner:
         results = executor.evaluate(candidates, ctx)
         records, losses = [], []
         round_best = None
+        state["best_changed"] = False
         for offset, (params, result) in enumerate(zip(candidates, results)):
             candidate_id = state["n_evals"] + offset
             records.append({"round": index, "candidate": candidate_id, "params": to_jsonable(params),
@@ -223,6 +250,7 @@ class Runner:
                 if best is None or to_loss(result.value, direction) < to_loss(best["value"], direction):
                     state["best"] = {"value": result.value, "params": to_jsonable(params), "round": index,
                                      "candidate": candidate_id}
+                    state["best_changed"] = True
             else:
                 losses.append(None)
                 state["n_failed"] += 1
@@ -234,6 +262,7 @@ class Runner:
         state["round_best"] = round_best
 
     def _best_json(self, state: dict[str, Any], optimizer: Optimizer, space: Space, direction: str) -> dict[str, Any]:
+        """best.json's content; its counts say how far the run was when it was written."""
         return {"direction": direction, "best": state["best"], "recommendation": to_jsonable(optimizer.recommend()),
                 "rounds": state["round"], "evaluations": state["n_evals"], "failures": state["n_failed"],
                 "elapsed_seconds": round(state["elapsed"], 3), "finished": state["finished"]}
@@ -248,18 +277,24 @@ def _call(callback: Any, method: str, argument: Any) -> None:
         handler(argument)
 
 
-def start_run(config: RunConfig, run_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Validate, create the run directory (config.yaml resolved) and run to the budget."""
+def start_run(config: RunConfig, run_dir: str | Path, overwrite: bool = False,
+              quiet: bool = False) -> dict[str, Any]:
+    """Validate, create the run directory (config.yaml resolved) and run to the budget.
+    ``quiet`` leaves out the ``progress`` callback (once validated) in this process only."""
     plan_ = plan(config)
+    if quiet:
+        plan_.drop_callback("progress")
     resolved = config.model_copy(update={"versions": package_versions()})
     if plan_.space is not None and config.space is None:
         resolved = resolved.model_copy(update={"space": plan_.space.to_config()})
-    store = RunStore(run_dir)
-    store.create(dump_config(resolved), overwrite=overwrite)
-    return Runner(plan_, store).execute(resume=False)
+    store = RunStore(run_dir, fsync=config.fsync)
+    store.check_new(overwrite)  # fail fast, before the objective is built
+    return Runner(plan_, store).execute(
+        resume=False, create=lambda: store.create(dump_config(resolved), overwrite=overwrite))
 
 
-def resume_run(run_dir: str | Path, budget_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def resume_run(run_dir: str | Path, budget_overrides: dict[str, Any] | None = None,
+               quiet: bool = False) -> dict[str, Any]:
     """Continue a run from its newest readable checkpoint (or from the start if it has none)."""
     from .config import read_yaml
 
@@ -269,10 +304,14 @@ def resume_run(run_dir: str | Path, budget_overrides: dict[str, Any] | None = No
     if budget_overrides:
         data.setdefault("budget", {}).update(budget_overrides)
     config = validate(data)
+    store.fsync = config.fsync
     if budget_overrides:
         from .store import atomic_write_text
         atomic_write_text(store.config_path, dump_config(config))
     if store.load_checkpoint() is None:  # killed before the first checkpoint: start over
         for path in store.optimizer_dir.glob("*"):
             path.unlink()
-    return Runner(plan(config), store).execute(resume=True)
+    plan_ = plan(config)
+    if quiet:
+        plan_.drop_callback("progress")
+    return Runner(plan_, store).execute(resume=True)

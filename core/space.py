@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
@@ -25,6 +26,8 @@ DEFAULT_SIGMA_FRACTION = 0.25
 
 
 def _finite(name: str, what: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name}.{what}", f"must be a number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
         raise ConfigError(f"{name}.{what}", f"must be a finite number, got {value!r}")
@@ -93,7 +96,8 @@ class Int:
     def __post_init__(self) -> None:
         for what in ("low", "high", "init"):
             value = getattr(self, what)
-            if value is not None and (isinstance(value, bool) or int(value) != value):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not math.isfinite(value) or int(value) != value):
                 raise ConfigError(f"{self.name}.{what}", f"must be an integer, got {value!r}")
         low, high = int(self.low), int(self.high)
         if low >= high:
@@ -131,6 +135,8 @@ class Categorical:
     kind: Kind = field(default="categorical", init=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.choices, (list, tuple)):
+            raise ConfigError(f"{self.name}.choices", f"must be a list of choices, got {self.choices!r}")
         choices = tuple(self.choices)
         if len(choices) < 2:
             raise ConfigError(f"{self.name}.choices", "needs at least two choices")
@@ -333,6 +339,8 @@ class Space:
             builder = {"float": Float, "int": Int, "categorical": Categorical}.get(kind)
             if builder is None:
                 raise ConfigError(f"space.{name}.type", f"unknown type {kind!r} (use float, int or categorical)")
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                raise ConfigError(f"space.{name}.size", f"must be a positive integer, got {size!r}")
             names = [name] if size is None else [f"{name}[{i}]" for i in range(int(size))]
             for dim_name in names:
                 try:

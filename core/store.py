@@ -4,7 +4,7 @@ Layout::
 
     RUN_DIR/config.yaml        the fully resolved config (with package versions)
     RUN_DIR/trials.jsonl       one JSON line per evaluation, appended after each round
-    RUN_DIR/checkpoint/        state-<round>.pkl, written atomically after each round (last 2 kept)
+    RUN_DIR/checkpoint/        state-<round>.pkl, written atomically after each round (newest 2 kept)
     RUN_DIR/optimizer/         files a backend keeps (optuna's journal)
     RUN_DIR/best.json          best evaluated point, the optimiser's recommendation, progress
 
@@ -29,15 +29,19 @@ CHECKPOINT_FORMAT = 1
 KEEP_CHECKPOINTS = 2
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool = False) -> None:
+    """Write to a temporary file in the same folder, then rename it over ``path``.
+
+    The rename makes the write atomic for readers and against a killed process; ``fsync``
+    also makes it survive a power loss, at a cost of milliseconds per call."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -45,15 +49,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, fsync: bool = False) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), fsync)
 
 
 class RunStore:
     """Reads and writes one run directory."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, fsync: bool = False) -> None:
         self.path = Path(path)
+        self.fsync = fsync
+        self._pruned = False
 
     config_path = property(lambda self: self.path / "config.yaml")
     trials_path = property(lambda self: self.path / "trials.jsonl")
@@ -67,13 +73,8 @@ class RunStore:
 
     def create(self, config_text: str, overwrite: bool = False) -> None:
         """Start a fresh run directory; refuses to replace an existing run unless ``overwrite``."""
-        if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"{self.path}: exists and is not a directory")
+        self.check_new(overwrite)
         if self.exists():
-            if not overwrite:
-                state = "finished" if self.is_finished() else "unfinished (continue it with: calibri resume " \
-                                                           f"{self.path})"
-                raise RunDirError(f"{self.path}: holds a {state} run; pass --overwrite to replace it")
             for child in ("trials.jsonl", "best.json", "config.yaml"):
                 (self.path / child).unlink(missing_ok=True)
             for child in (self.checkpoint_dir, self.optimizer_dir):
@@ -81,7 +82,18 @@ class RunStore:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.config_path, config_text)
 
+    def check_new(self, overwrite: bool = False) -> None:
+        """Raise :class:`RunDirError` unless :meth:`create` may start a run here; touches nothing."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path}: exists and is not a directory")
+        if self.exists() and not overwrite:
+            state = "finished" if self.is_finished() else \
+                f"unfinished (continue it with: calibri resume {self.path})"
+            raise RunDirError(f"{self.path}: holds a {state} run; pass --overwrite to replace it")
+
     def require(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path}: is a file, not a run directory")
         if not self.path.is_dir():
             raise RunDirError(f"{self.path}: no such run directory")
         if not self.exists():
@@ -92,8 +104,9 @@ class RunStore:
         lines = "".join(json.dumps(record, allow_nan=False) + "\n" for record in records)
         with open(self.trials_path, "a", encoding="utf-8") as handle:
             handle.write(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if self.fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
 
     def read_trials(self) -> list[dict[str, Any]]:
         """Every complete line; a truncated or corrupt last line is ignored."""
@@ -132,25 +145,39 @@ class RunStore:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Write ``state`` as a new file (temporary name, then renamed: a new name, which is far
+        cheaper than replacing a file on ext4) and drop all but the newest two."""
         state = {"format": CHECKPOINT_FORMAT, **state}
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / f"state-{state['round']:08d}.pkl"
-        atomic_write_bytes(path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
-        for old in sorted(self.checkpoint_dir.glob("state-*.pkl"))[:-KEEP_CHECKPOINTS]:
+        tmp = self.checkpoint_dir / f".{path.name}.tmp"
+        with open(tmp, "wb") as handle:
+            pickle.dump(state, handle, protocol=pickle.HIGHEST_PROTOCOL)
+            if self.fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        stale = [self.checkpoint_dir / f"state-{state['round'] - KEEP_CHECKPOINTS:08d}.pkl"]
+        if not self._pruned:  # once per process: leftovers of an earlier, resumed session
+            stale = sorted(self.checkpoint_dir.glob("state-*.pkl"))[:-KEEP_CHECKPOINTS]
+            self._pruned = True
+        for old in stale:
             old.unlink(missing_ok=True)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The newest readable checkpoint; unreadable ones (half-written, corrupt) are skipped."""
-        for path in sorted(self.checkpoint_dir.glob("state-*.pkl"), reverse=True):
+        states = []
+        for path in sorted(self.checkpoint_dir.glob("state-*.pkl")):
             try:
                 with open(path, "rb") as handle:
                     state = pickle.load(handle)
-                if state.get("format") != CHECKPOINT_FORMAT:
-                    raise ValueError(f"unknown checkpoint format {state.get('format')!r}")
-                return state
+                if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+                    raise ValueError("not a calibri checkpoint of a known format")
+                states.append(state)
             except Exception as exc:
                 warnings.warn(f"calibri: skipping unreadable checkpoint {path}: {type(exc).__name__}: {exc}",
                               RuntimeWarning, stacklevel=2)
-        return None
+        return max(states, key=lambda state: state["round"]) if states else None
 
     def is_finished(self) -> bool:
         state = self.load_checkpoint() if self.checkpoint_dir.exists() else None
@@ -158,7 +185,7 @@ class RunStore:
 
     # -- best -------------------------------------------------------------------------------
     def write_best(self, best: dict[str, Any]) -> None:
-        atomic_write_text(self.best_path, json.dumps(best, indent=2, allow_nan=False) + "\n")
+        atomic_write_text(self.best_path, json.dumps(best, indent=2, allow_nan=False) + "\n", self.fsync)
 
     def read_best(self) -> dict[str, Any] | None:
         if not self.best_path.exists():

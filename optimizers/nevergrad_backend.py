@@ -5,6 +5,10 @@ coordinates, ``σ`` the per-dimension user step sizes), so nevergrad's unit step
 the user's σ. The parametrisation is left unbounded on purpose: nevergrad shrinks CMA's σ by
 0.15–0.3 on fully bounded spaces; bounds are applied when mapping back (clipping, like
 nevergrad's ``clipping`` bound method).
+
+State is saved as the history of told losses and restored by replaying it into a freshly seeded
+optimiser: nevergrad's ask/tell is deterministic for a seed, and pickling a nevergrad optimiser
+(with its archive of every point) after each round costs O(evaluations) each time.
 """
 from __future__ import annotations
 
@@ -30,11 +34,16 @@ class NevergradOptimizer(Optimizer):
 
         self._z0 = space.search_x0()
         self._sigmas = space.search_sigmas(settings.sigma)
-        parametrization = ng.p.Array(init=np.zeros(len(space)))
-        parametrization.random_state = np.random.RandomState(settings.seed % 2**32)
-        self.ng_optimizer = self._build(ng, parametrization)
-        self.ng_optimizer.suggest(np.zeros(len(space)))  # x0 is the first candidate
+        self.ng_optimizer = self._fresh(ng)
         self._pending: list[Any] = []
+        self._history: list[list[float]] = []  # losses told, round by round, for replay
+
+    def _fresh(self, ng: Any) -> Any:
+        parametrization = ng.p.Array(init=np.zeros(len(self.space)))
+        parametrization.random_state = np.random.RandomState(self.settings.seed % 2**32)
+        optimizer = self._build(ng, parametrization)
+        optimizer.suggest(np.zeros(len(self.space)))  # x0 is the first candidate
+        return optimizer
 
     def _build(self, ng: Any, parametrization: Any) -> Any:
         return ng.optimizers.registry[self.registry_name](
@@ -50,18 +59,28 @@ class NevergradOptimizer(Optimizer):
     def tell(self, candidates: Sequence[Params], losses: Sequence[float | None]) -> None:
         if len(losses) != len(self._pending):
             raise ValueError(f"told {len(losses)} losses for {len(self._pending)} asked candidates")
-        for candidate, loss in zip(self._pending, fill_failed(losses)):
+        filled = fill_failed(losses)
+        for candidate, loss in zip(self._pending, filled):
             self.ng_optimizer.tell(candidate, loss)
+        self._history.append(filled)
         self._pending = []
 
     def recommend(self) -> Params:
         return self._to_params(self.ng_optimizer.provide_recommendation().value)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.ng_optimizer}
+        return {"history": [list(losses) for losses in self._history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ng_optimizer = state["optimizer"]
+        import nevergrad as ng
+
+        self.ng_optimizer = self._fresh(ng)
+        for losses in state["history"]:
+            candidates = [self.ng_optimizer.ask() for _ in losses]
+            for candidate, loss in zip(candidates, losses):
+                self.ng_optimizer.tell(candidate, loss)
+        self._history = [list(losses) for losses in state["history"]]
+        self._pending = []
 
 
 class NevergradCMA(NevergradOptimizer):

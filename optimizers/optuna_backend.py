@@ -1,13 +1,14 @@
 """optuna samplers through ask-and-tell: TPE (default), CMA-ES, GP, random and QMC.
 
-The study lives in a Journal file inside the run directory (``optimizer/optuna.journal``), so
-optuna's own tools (optuna-dashboard) can read it. For exact resume the journal is cut back to
-its length at the last checkpoint and the pickled sampler (with its random state) restored.
+The study lives in a Journal file inside the run directory (``optimizer/optuna.journal``), in
+the format of optuna's ``JournalFileBackend``, so optuna's own tools (optuna-dashboard) can read
+it. For exact resume the journal is cut back to its length at the last checkpoint and the pickled
+sampler (with its random state) restored.
 """
 from __future__ import annotations
 
+import json
 import math
-import os
 import pickle
 import warnings
 from collections.abc import Sequence
@@ -22,6 +23,40 @@ from calibri.core.space import Categorical, Float, Params, Space
 
 SamplerName = Literal["tpe", "cmaes", "gp", "random", "qmc"]
 JOURNAL_NAME = "optuna.journal"
+
+
+class RunJournalBackend:
+    """A single-writer journal backend: optuna's JournalFileBackend format, served from memory.
+
+    optuna's file backend takes a file lock, re-reads the file and fsyncs on every operation,
+    which costs milliseconds per parameter; a run directory has one writer, so this backend
+    appends lines with a flush and answers reads from the logs it holds.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._logs: list[dict[str, Any]] = []
+        if path.exists():
+            complete = 0
+            with open(path, "rb") as handle:
+                for line in handle:
+                    if not line.endswith(b"\n"):
+                        break  # a half-written last line: the checkpoint never covered it
+                    self._logs.append(json.loads(line))
+                    complete += len(line)
+            with open(path, "r+b") as handle:
+                handle.truncate(complete)
+        self._handle = open(path, "ab")
+
+    def read_logs(self, log_number_from: int):
+        return iter(self._logs[log_number_from:])
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        self._logs.extend(logs)
+        self._handle.write("".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode("utf-8"))
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
 
 
 def _distributions(space: Space) -> dict[str, Any]:
@@ -57,6 +92,8 @@ class OptunaOptimizer(Optimizer):
         self._distributions = _distributions(space)
         self._journal = Path(settings.workdir) / JOURNAL_NAME if settings.workdir else None
         self._open_study(self._make_sampler())
+        if self._journal is not None:
+            self._open_journal()
         self._enqueue_pending = True
         self._pending: list[Any] = []
 
@@ -88,23 +125,42 @@ class OptunaOptimizer(Optimizer):
             warnings.simplefilter("ignore", FutureWarning)  # x0/sigma0 deprecated, still honoured
             return s.CmaEsSampler(seed=seed, **opts)
 
-    def _open_study(self, sampler: Any) -> None:
+    def _open_study(self, sampler: Any, trials: Sequence[Any] = (), study_attrs: dict[str, Any] | None = None) -> None:
+        """The working study: in memory (optuna's journal storage re-scans and deep-copies all
+        trials on every ask, O(n²) over a run), seeded with ``trials`` when resuming."""
         import optuna
 
-        if self._journal is not None:
-            from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-            self._journal.parent.mkdir(parents=True, exist_ok=True)
-            lock_path = f"{self._journal}.lock"
-            if os.path.exists(lock_path):  # left by a killed run; this process is the only writer
-                os.remove(lock_path)
-            backend = JournalFileBackend(str(self._journal), lock_obj=JournalFileOpenLock(lock_path))
-            storage: Any = optuna.storages.JournalStorage(backend)
-        else:
-            storage = optuna.storages.InMemoryStorage()
         self.sampler = sampler
-        self.study = optuna.create_study(storage=storage, sampler=sampler, study_name="calibri",
-                                         direction="minimize", load_if_exists=True)
+        self.study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), sampler=sampler,
+                                         study_name="calibri", direction="minimize")
+        for key, value in (study_attrs or {}).items():
+            self.study._storage.set_study_system_attr(self.study._study_id, key, value)
+        self.study.add_trials(trials)
+
+    def _open_journal(self) -> None:
+        """The journal mirror in the run directory; each round's finished trials are appended."""
+        import optuna
+        from optuna.storages.journal import BaseJournalBackend
+
+        BaseJournalBackend.register(RunJournalBackend)
+        if getattr(self, "_backend", None) is not None:
+            self._backend.close()
+        self._journal.parent.mkdir(parents=True, exist_ok=True)
+        self._backend = RunJournalBackend(self._journal)
+        self._mirror = optuna.create_study(storage=optuna.storages.JournalStorage(self._backend),
+                                           study_name="calibri", direction="minimize", load_if_exists=True)
+
+    def _study_attrs(self, study: Any) -> dict[str, Any]:
+        return study._storage.get_study_system_attrs(study._study_id)
+
+    def _mirror_round(self, trials: Sequence[Any]) -> None:
+        if self._journal is None:
+            return
+        mirror_attrs = self._study_attrs(self._mirror)
+        for key, value in self._study_attrs(self.study).items():
+            if mirror_attrs.get(key, object()) != value:
+                self._mirror._storage.set_study_system_attr(self._mirror._study_id, key, value)
+        self._mirror.add_trials([self.study._storage.get_trial(trial._trial_id) for trial in trials])
 
     # -- ask and tell -----------------------------------------------------------------------
     def ask(self, n: int) -> list[Params]:
@@ -129,6 +185,7 @@ class OptunaOptimizer(Optimizer):
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             else:
                 self.study.tell(trial, float(loss))
+        self._mirror_round(self._pending)
         self._pending = []
 
     def recommend(self) -> Params:
@@ -139,25 +196,24 @@ class OptunaOptimizer(Optimizer):
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        size = self._journal.stat().st_size if self._journal is not None and self._journal.exists() else 0
-        state: dict[str, Any] = {"sampler": pickle.dumps(self.sampler), "journal_size": size,
-                                 "enqueue_pending": self._enqueue_pending}
-        if self._journal is None:
-            state["storage"] = pickle.dumps(self.study._storage)
+        state: dict[str, Any] = {"sampler": pickle.dumps(self.sampler), "enqueue_pending": self._enqueue_pending}
+        if self._journal is not None:  # the journal holds the trials: remember how much of it
+            state["journal_size"] = self._backend._handle.tell()
+        else:
+            state["trials"] = self.study.get_trials(deepcopy=False)
+            state["study_attrs"] = self._study_attrs(self.study)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        import optuna
-
         sampler = pickle.loads(state["sampler"])
         if self._journal is not None:
+            self._backend.close()
             with open(self._journal, "r+b") as handle:  # drop what was logged after the checkpoint
                 handle.truncate(state["journal_size"])
-            self._open_study(sampler)
+            self._open_journal()
+            self._open_study(sampler, self._mirror.get_trials(deepcopy=False), self._study_attrs(self._mirror))
         else:
-            self.sampler = sampler
-            self.study = optuna.create_study(storage=pickle.loads(state["storage"]), sampler=sampler,
-                                             study_name="calibri", direction="minimize", load_if_exists=True)
+            self._open_study(sampler, state["trials"], state["study_attrs"])
         self._enqueue_pending = state["enqueue_pending"]
         self._pending = []
 

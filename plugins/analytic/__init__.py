@@ -50,7 +50,11 @@ FUNCTIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float, float, flo
 def vector_space(dim: int, low: float, high: float, init: float, name: str = "x") -> Space:
     """``dim`` floats ``x[0] ... x[dim-1]`` on ``[low, high]``, all starting at ``init``."""
     if dim < 1:
-        raise ConfigError("objective.dim", f"must be at least 1, got {dim}")
+        raise ConfigError("objective.options.dim", f"must be at least 1, got {dim}")
+    if not low < high:
+        raise ConfigError("objective.options.low", f"low ({low:g}) must be below high ({high:g})")
+    if not low <= init <= high:
+        raise ConfigError("objective.options.init", f"init {init:g} is outside [{low:g}, {high:g}]")
     return Space(Float(f"{name}[{i}]", low, high, init=init) for i in range(dim))
 
 
@@ -86,7 +90,7 @@ def _analytic(function: str) -> tuple[Callable[..., Objective], Callable[..., Sp
     return factory, space
 
 
-def resolve_callable(path: str, field: str = "objective.function") -> Callable[..., Any]:
+def resolve_callable(path: str, field: str = "objective.options.function") -> Callable[..., Any]:
     """Import ``package.module:attribute`` with a clear error naming ``field``."""
     module_name, sep, attribute = path.partition(":")
     if not sep or not module_name or not attribute:
@@ -111,9 +115,14 @@ def python_objective(function: str, direction: Literal["minimize", "maximize"] =
     return FunctionObjective(resolve_callable(function), direction=direction, with_context=with_context)
 
 
+def check_python_objective(function: str, direction: str = "minimize", with_context: bool = False) -> None:
+    """Import the callable while the run is planned, before a run directory or worker exists."""
+    resolve_callable(function)
+
+
 @hookimpl
 def calibri_register_objectives(register):
     for name in FUNCTIONS:
         factory, space = _analytic(name)
         register(name, factory, space=space)
-    register("python", python_objective)
+    register("python", python_objective, check=check_python_objective)

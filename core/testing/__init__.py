@@ -1,0 +1,6 @@
+"""Test helpers for calibri and its plugins.
+
+:mod:`calibri.core.testing.optimizer_contract` is the contract suite every optimiser plugin must
+pass (x0 first, in-bounds candidates, failures and partial rounds, determinism, exact resume,
+step size, progress). It needs pytest.
+"""
