@@ -69,4 +69,7 @@ class ProgressBar:
 
 @hookimpl
 def calibri_register_callbacks(register):
+    from .report import ConvergencePlot
+
     register("progress", ProgressBar)
+    register("plot", ConvergencePlot)

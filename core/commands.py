@@ -89,7 +89,21 @@ def show_command(run_dir: str) -> None:
     click.echo(json.dumps(best, indent=2))
 
 
+@click.command("plot")
+@click.argument("run_dir", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), help="Where to write the PNG (default: RUN_DIR/convergence.png).")
+def plot_command(run_dir: str, output: str | None) -> None:
+    """Draw a run's convergence curve as a PNG."""
+    from .report import plot_convergence
+    from .store import RunStore
+
+    RunStore(run_dir).require()
+    written = plot_convergence(run_dir, output)
+    if written is not None:
+        click.echo(str(written))
+
+
 @hookimpl
 def calibri_register_commands(register):
-    for command in (run_command, resume_command, plugins_command, show_command):
+    for command in (run_command, resume_command, plugins_command, show_command, plot_command):
         register(command)

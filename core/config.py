@@ -79,7 +79,7 @@ class RunConfig(_Strict):
     max_failure_rate: float = Field(default=0.2, ge=0, le=1)
     fsync: bool = Field(default=False, description="fsync run files every round: survive power loss, not "
                                                    "only a killed process (costs milliseconds per round)")
-    callbacks: list[PluginSpec] = Field(default_factory=lambda: [PluginSpec(name="progress")])
+    callbacks: list[PluginSpec] = Field(default_factory=lambda: [PluginSpec(name="progress"), PluginSpec(name="plot")])
     plugins: list[str] = Field(default_factory=list, description="extra plugin modules to import")
     versions: dict[str, str] | None = Field(default=None, description="written by calibri; informational")
 
