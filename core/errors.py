@@ -36,3 +36,9 @@ class PluginError(UserError):
 
 class RunFailed(CalibriError):
     """The run stopped because too many evaluations failed (see ``max_failure_rate``)."""
+
+
+class RunInterrupted(CalibriError):
+    """The user stopped the run (Ctrl-C); the last finished round is checkpointed."""
+
+    exit_code = 130

@@ -72,19 +72,26 @@ class Registry:
 
     def _collect(self, kind: str) -> None:
         caller = getattr(self.manager.hook, f"calibri_register_{kind}")
-        for impl in reversed(caller.get_hookimpls()):  # registration order
+        order = {name: i for i, (name, _) in enumerate(self.manager.list_name_plugin())}
+        impls = sorted(caller.get_hookimpls(), key=lambda impl: order.get(impl.plugin_name, len(order)))
+        for impl in impls:  # plugin registration order: built-ins, installed plugins, extra modules
             plugin = impl.plugin_name
+            staged: list[Registration] = []
 
-            def register(*args: Any, _plugin: str = plugin, **kwargs: Any) -> None:
-                self._add(kind, _plugin, *args, **kwargs)
+            def register(*args: Any, _plugin: str = plugin, _staged: list = staged, **kwargs: Any) -> None:
+                _staged.append(self._registration(kind, _plugin, *args, **kwargs))
 
             try:
-                impl.function(register=register)
+                impl.function(**{name: register for name in impl.argnames})
             except Exception as exc:  # a broken plugin must not take the host down
                 warnings.warn(f"calibri: plugin {plugin!r} failed in calibri_register_{kind}: "
                               f"{type(exc).__name__}: {exc}; its {kind} are skipped", PluginWarning, stacklevel=2)
+                continue
+            for registration in staged:
+                self._add(registration)
 
-    def _add(self, kind: str, plugin: str, *args: Any, description: str = "", **extras: Any) -> None:
+    def _registration(self, kind: str, plugin: str, *args: Any, description: str = "",
+                      **extras: Any) -> Registration:
         if kind == "commands":
             (command,) = args
             name, factory = command.name, command
@@ -92,15 +99,19 @@ class Registry:
             name, factory = args
         if not isinstance(name, str) or not name:
             raise TypeError(f"register() needs a non-empty name, got {name!r}")
+        if not description:
+            doc = getattr(factory, "__doc__", None) or ""
+            description = doc.strip().splitlines()[0] if doc.strip() else ""
+        return Registration(kind, name, factory, plugin, description, extras)
+
+    def _add(self, registration: Registration) -> None:
+        kind, name, plugin = registration.kind, registration.name, registration.plugin
         if name in self._items[kind]:
             first = self._items[kind][name].plugin
             warnings.warn(f"calibri: plugin {plugin!r} registers {_SINGULAR[kind]} {name!r}, already registered by "
                           f"{first!r}; keeping {first!r}'s", PluginWarning, stacklevel=3)
             return
-        if not description:
-            doc = getattr(factory, "__doc__", None) or ""
-            description = doc.strip().splitlines()[0] if doc.strip() else ""
-        self._items[kind][name] = Registration(kind, name, factory, plugin, description, extras)
+        self._items[kind][name] = registration
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._items[kind])
@@ -155,8 +166,13 @@ def build_manager(extra_modules: Iterable[str] = (), load_entry_points: bool = T
                 warnings.warn(f"calibri: plugin {ep.name!r} ({ep.value}) failed to load: "
                               f"{type(exc).__name__}: {exc}; skipped", PluginWarning, stacklevel=2)
     for module_name in extra_modules:
-        if pm.get_plugin(module_name) is None:
-            pm.register(importlib.import_module(module_name), name=module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
+            raise ConfigError("plugins", f"cannot import plugin module {module_name!r}: "
+                                         f"{type(exc).__name__}: {exc}") from None
+        if pm.get_plugin(module_name) is None and not pm.is_registered(module):
+            pm.register(module, name=module_name)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
@@ -179,9 +195,12 @@ def get_registry() -> Registry:
 def add_plugin_modules(*module_names: str) -> Registry:
     """Register extra plugin modules by import path (they also load in worker processes)."""
     global _extra_modules, _registry
-    _extra_modules = tuple(dict.fromkeys(_extra_modules + module_names))
-    _registry = None
-    return get_registry()
+    extra_modules = tuple(dict.fromkeys(_extra_modules + module_names))
+    if _registry is not None and extra_modules == _extra_modules:
+        return _registry
+    registry = Registry(build_manager(extra_modules), extra_modules)  # nothing changes if this raises
+    _extra_modules, _registry = extra_modules, registry
+    return registry
 
 
 def reset_registry(extra_modules: tuple[str, ...] = ()) -> None:

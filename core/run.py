@@ -21,7 +21,7 @@ import numpy as np
 
 from .callbacks import RoundRecord, RunInfo
 from .config import RunConfig, dump_config, validate
-from .errors import ConfigError, RunFailed
+from .errors import ConfigError, RunFailed, RunInterrupted
 from .executor import Executor, ObjectiveRecipe
 from .objective import RoundContext, to_loss
 from .optimizer import Optimizer, OptimizerSettings
@@ -77,8 +77,9 @@ def plan(config: RunConfig) -> Plan:
     for i, module_name in enumerate(config.plugins):
         try:
             importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ConfigError(f"plugins.{i}", f"cannot import plugin module {module_name!r}: {exc}") from None
+        except Exception as exc:
+            raise ConfigError(f"plugins.{i}", f"cannot import plugin module {module_name!r}: "
+                                              f"{type(exc).__name__}: {exc}") from None
     registry = add_plugin_modules(*config.plugins) if config.plugins else get_registry()
     objective = registry.get("objectives", config.objective.name, "objective.name")
     objective_options = validate_options(objective.factory, config.objective.options, "objective.options",
@@ -159,6 +160,15 @@ class Runner:
     def execute(self, resume: bool = False, create: Callable[[], None] | None = None) -> dict[str, Any]:
         """Run to the budget. ``create`` (a fresh run) makes the run directory once the objective
         is built and its space checked, so a config rejected until then leaves nothing behind."""
+        try:
+            return self._execute(resume, create)
+        except KeyboardInterrupt:
+            if not self.store.exists():
+                raise RunInterrupted("interrupted before the run started") from None
+            raise RunInterrupted(f"interrupted; the last finished round is saved, continue with: "
+                                 f"calibri resume {self.store.path}") from None
+
+    def _execute(self, resume: bool, create: Callable[[], None] | None) -> dict[str, Any]:
         config, store = self.config, self.store
         callbacks = [build_from(reg, reg.factory, **options) for reg, options in self.plan.callbacks]
         with self._build_executor() as executor:
