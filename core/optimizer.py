@@ -79,6 +79,19 @@ class Optimizer(ABC):
         """Restore what :meth:`state_dict` returned."""
 
 
+class FailurePenalty:
+    """:func:`fill_failed` that remembers the worst loss told, the penalty for a round in which
+    every evaluation failed. Picklable; keep it in the optimiser's state."""
+
+    def __init__(self) -> None:
+        self.worst: float | None = None
+
+    def __call__(self, losses: Sequence[float | None]) -> list[float]:
+        filled = fill_failed(losses, None if self.worst is None else self.worst + max(abs(self.worst), 1.0))
+        self.worst = max(filled if self.worst is None else [self.worst, *filled])
+        return filled
+
+
 def fill_failed(losses: Sequence[float | None], fallback: float | None = None) -> list[float]:
     """Replace failed losses by a penalty worse than every finite loss of the round.
 

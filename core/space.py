@@ -59,8 +59,9 @@ class Float:
         if self.log and low <= 0:
             raise ConfigError(f"{self.name}.low", f"a log dimension needs low > 0, got {low:g}")
         init = self.init
-        if init is None:
-            init = math.sqrt(low * high) if self.log else (low + high) / 2
+        if init is None:  # midpoint (geometric for log), computed without overflow
+            init = math.exp((math.log(low) + math.log(high)) / 2) if self.log else low / 2 + high / 2
+            init = min(max(init, low), high)
         init = _finite(self.name, "init", init)
         if not low <= init <= high:
             raise ConfigError(f"{self.name}.init", f"init {init:g} is outside [{low:g}, {high:g}]")
@@ -77,7 +78,8 @@ class Float:
         return float(min(max(float(number), self.low), self.high))
 
     def contains(self, value: Any) -> bool:
-        return isinstance(value, (int, float, np.floating, np.integer)) and self.low <= value <= self.high
+        return (isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+                and self.low <= value <= self.high)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class Int:
                                       or not math.isfinite(value) or int(value) != value):
                 raise ConfigError(f"{self.name}.{what}", f"must be an integer, got {value!r}")
         low, high = int(self.low), int(self.high)
+        for what, value in (("low", low), ("high", high)):
+            if abs(value) > 2**53:  # the vector form is float64
+                raise ConfigError(f"{self.name}.{what}", f"must be within ±2**53, got {value}")
         if low >= high:
             raise ConfigError(f"{self.name}.low", f"low ({low}) must be below high ({high})")
         if self.log and low <= 0:
@@ -140,11 +145,14 @@ class Categorical:
         choices = tuple(self.choices)
         if len(choices) < 2:
             raise ConfigError(f"{self.name}.choices", "needs at least two choices")
-        if len(set(map(repr, choices))) != len(choices):
-            raise ConfigError(f"{self.name}.choices", "choices must be distinct")
-        for choice in choices:
+        for i, choice in enumerate(choices):
             if not isinstance(choice, (str, int, float, bool)) and choice is not None:
                 raise ConfigError(f"{self.name}.choices", f"choice {choice!r} is not a JSON scalar")
+            if isinstance(choice, float) and not math.isfinite(choice):
+                raise ConfigError(f"{self.name}.choices", f"choice {choice!r} is not a finite number")
+            for other in choices[:i]:  # 1 == 1.0 == True and 0.0 == -0.0 would not round-trip
+                if choice == other or repr(choice) == repr(other):
+                    raise ConfigError(f"{self.name}.choices", f"choices {other!r} and {choice!r} are not distinct")
         init = choices[0] if self.init is None else self.init
         if init not in choices:
             raise ConfigError(f"{self.name}.init", f"init {init!r} is not one of {list(choices)}")
@@ -303,8 +311,8 @@ class Space:
             raise ValueError(f"expected a vector of length {len(self)}, got shape {z.shape}")
         out: Params = {}
         for dim, x in zip(self.dims, z):
-            if getattr(dim, "log", False):
-                x = math.exp(min(max(x, math.log(dim.low)), math.log(dim.high)))
+            if getattr(dim, "log", False):  # clip to the exact bounds, not exp(log(bound))
+                x = dim.low if x <= math.log(dim.low) else dim.high if x >= math.log(dim.high) else math.exp(x)
             out[dim.name] = dim.from_number(x)
         return out
 

@@ -2,9 +2,10 @@
 
 nevergrad searches standardised coordinates ``u = (z - z0) / σ`` (``z`` the space's search
 coordinates, ``σ`` the per-dimension user step sizes), so nevergrad's unit step size is exactly
-the user's σ. The parametrisation is left unbounded on purpose: nevergrad shrinks CMA's σ by
-0.15–0.3 on fully bounded spaces; bounds are applied when mapping back (clipping, like
-nevergrad's ``clipping`` bound method).
+the user's σ. For CMA-ES the parametrisation is left unbounded on purpose (nevergrad shrinks
+CMA's σ by 0.15–0.3 on fully bounded spaces) and candidates are clipped into the bounds when
+mapped back; the others use nevergrad's own bound handling, without which offspring of a point
+outside the box all land on one face and the search stalls.
 
 State is saved as the history of told losses and restored by replaying it into a freshly seeded
 optimiser: nevergrad's ask/tell is deterministic for a seed, and pickling a nevergrad optimiser
@@ -12,13 +13,14 @@ optimiser: nevergrad's ask/tell is deterministic for a seed, and pickling a neve
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from calibri.core.hookspecs import hookimpl
-from calibri.core.optimizer import Optimizer, OptimizerSettings, fill_failed
+from calibri.core.optimizer import FailurePenalty, Optimizer, OptimizerSettings
 from calibri.core.space import Params, Space
 
 
@@ -27,6 +29,8 @@ class NevergradOptimizer(Optimizer):
 
     #: nevergrad's registry name, or None for a configured family built by :meth:`_build`.
     registry_name: ClassVar[str | None] = None
+    #: nevergrad's bound handling in standardised coordinates (None: unbounded, then clipped).
+    bound_method: ClassVar[str | None] = "bouncing"
 
     def __init__(self, space: Space, settings: OptimizerSettings) -> None:
         super().__init__(space, settings)
@@ -37,29 +41,47 @@ class NevergradOptimizer(Optimizer):
         self.ng_optimizer = self._fresh(ng)
         self._pending: list[Any] = []
         self._history: list[list[float]] = []  # losses told, round by round, for replay
+        self._penalty = FailurePenalty()
+
+    def _dimension(self) -> int:
+        return len(self.space)
 
     def _fresh(self, ng: Any) -> Any:
-        parametrization = ng.p.Array(init=np.zeros(len(self.space)))
+        dimension = self._dimension()
+        parametrization = ng.p.Array(init=np.zeros(dimension))
+        if self.bound_method is not None:
+            lows, highs = self.space.search_bounds()
+            with warnings.catch_warnings():  # "bounds are less than 3 sigma apart": the user's σ, on purpose
+                warnings.simplefilter("ignore")
+                parametrization.set_bounds((lows - self._z0) / self._sigmas, (highs - self._z0) / self._sigmas,
+                                           method=self.bound_method, full_range_sampling=False)
         parametrization.random_state = np.random.RandomState(self.settings.seed % 2**32)
         optimizer = self._build(ng, parametrization)
-        optimizer.suggest(np.zeros(len(self.space)))  # x0 is the first candidate
+        self._inject_x0(optimizer, np.zeros(dimension))
         return optimizer
+
+    def _inject_x0(self, optimizer: Any, u0: np.ndarray) -> None:
+        optimizer.suggest(u0)  # the first candidate
 
     def _build(self, ng: Any, parametrization: Any) -> Any:
         return ng.optimizers.registry[self.registry_name](
             parametrization=parametrization, budget=None, num_workers=self.popsize)
 
     def _to_params(self, u: np.ndarray) -> Params:
-        return self.space.from_search(self._z0 + self._sigmas * np.asarray(u, dtype=np.float64))
+        u = np.asarray(u, dtype=np.float64)[: len(self.space)]  # CMA pads a 1-d space
+        return self.space.from_search(self._z0 + self._sigmas * u)
 
     def ask(self, n: int) -> list[Params]:
         self._pending = [self.ng_optimizer.ask() for _ in range(n)]
-        return [self._to_params(candidate.value) for candidate in self._pending]
+        params = [self._to_params(candidate.value) for candidate in self._pending]
+        if not self._history and params:  # the suggested x0, exactly (ln/exp may move a log value by an ulp)
+            params[0] = self.space.init_params()
+        return params
 
     def tell(self, candidates: Sequence[Params], losses: Sequence[float | None]) -> None:
         if len(losses) != len(self._pending):
             raise ValueError(f"told {len(losses)} losses for {len(self._pending)} asked candidates")
-        filled = fill_failed(losses)
+        filled = self._penalty(losses)
         for candidate, loss in zip(self._pending, filled):
             self.ng_optimizer.tell(candidate, loss)
         self._history.append(filled)
@@ -80,11 +102,15 @@ class NevergradOptimizer(Optimizer):
             for candidate, loss in zip(candidates, losses):
                 self.ng_optimizer.tell(candidate, loss)
         self._history = [list(losses) for losses in state["history"]]
+        self._penalty = FailurePenalty()
+        self._penalty.worst = max((max(losses) for losses in self._history if losses), default=None)
         self._pending = []
 
 
 class NevergradCMA(NevergradOptimizer):
     """Full-covariance, non-elitist CMA-ES (``ng.families.ParametrizedCMA``), σ in user units."""
+
+    bound_method = None  # nevergrad shrinks CMA's σ on fully bounded spaces; clip instead
 
     def __init__(self, space: Space, settings: OptimizerSettings, *, diagonal: bool = False,
                  elitist: bool = False) -> None:
@@ -96,6 +122,14 @@ class NevergradCMA(NevergradOptimizer):
                                              elitist=self._elitist)
         return family(parametrization=parametrization, budget=None, num_workers=self.popsize)
 
+    def _dimension(self) -> int:
+        return max(len(self.space), 2)  # nevergrad switches 1-d CMA to the optional fcmaes package
+
+    def _inject_x0(self, optimizer: Any, u0: np.ndarray) -> None:
+        # Into pycma's first generation, not as a nevergrad suggestion: a suggestion takes a slot
+        # of the first round and leaves one stale sample to every later round.
+        optimizer.es.inject([u0], force=True)
+
 
 class NevergradDE(NevergradOptimizer):
     """Differential evolution (nevergrad ``TwoPointsDE``)."""
@@ -104,9 +138,13 @@ class NevergradDE(NevergradOptimizer):
 
 
 class NevergradPSO(NevergradOptimizer):
-    """Particle swarm optimisation (nevergrad ``PSO``)."""
+    """Particle swarm optimisation (nevergrad ``ConfPSO``, swarm size = popsize)."""
 
-    registry_name = "PSO"
+    bound_method = "clipping"
+
+    def _build(self, ng: Any, parametrization: Any) -> Any:
+        family = ng.families.ConfPSO(transform="arctan", popsize=self.popsize)
+        return family(parametrization=parametrization, budget=None, num_workers=self.popsize)
 
 
 class NevergradOnePlusOne(NevergradOptimizer):

@@ -121,9 +121,12 @@ class OptunaOptimizer(Optimizer):
         opts.setdefault("sigma0", float(math.exp(np.mean(np.log(relative)))))
         opts.setdefault("x0", self.space.init_params())
         opts.setdefault("popsize", self.popsize)
+        opts.setdefault("n_startup_trials", 0)
+        from ._optuna_cmaes import FixedSpaceCmaEsSampler
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # x0/sigma0 deprecated, still honoured
-            return s.CmaEsSampler(seed=seed, **opts)
+            return FixedSpaceCmaEsSampler(self._distributions, seed=seed, **opts)
 
     def _open_study(self, sampler: Any, trials: Sequence[Any] = (), study_attrs: dict[str, Any] | None = None) -> None:
         """The working study: in memory (optuna's journal storage re-scans and deep-copies all

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from calibri.core.hookspecs import hookimpl
-from calibri.core.optimizer import Optimizer, OptimizerSettings, fill_failed
+from calibri.core.optimizer import FailurePenalty, Optimizer, OptimizerSettings
 from calibri.core.space import Params, Space
 
 
@@ -38,21 +38,33 @@ class PycmaCMA(Optimizer):
             "verb_disp": 0,
             "tolx": 0, "tolfun": 0, "tolfunhist": 0, "tolstagnation": 10**9, "tolflatfitness": 10**9,
         }
+        if len(space) == 1:  # pycma fails on a bounded 1-d space once σ exceeds a third of the range
+            options["maxstd_boundrange"] = np.inf
         options.update(cma_options or {})
         self.es = cma.CMAEvolutionStrategy(list(space.search_x0()), 1.0, options)
-        self.es.inject([space.search_x0()], force=True)
+        # Inject x0 in pycma's genotype, so that an x0 lying on a bound is told where it really is.
+        self.es.inject([self.es.gp.geno(np.asarray(space.search_x0()), from_bounds=self.es.boundary_handler.inverse)],
+                       force=True)
         self._pending: list[np.ndarray] = []
+        self._x0_pending = True
+        self._penalty = FailurePenalty()
 
     def ask(self, n: int) -> list[Params]:
+        if n > self.popsize:
+            raise ValueError(f"pycma asks one generation at a time: n={n} > popsize={self.popsize}")
         solutions = self.es.ask(self.popsize)
         self._pending = [np.asarray(z) for z in solutions[:n]]
-        return [self.space.from_search(z) for z in self._pending]
+        params = [self.space.from_search(z) for z in self._pending]
+        if self._x0_pending and params:  # the injected x0, exactly (ln/exp may move a log value by an ulp)
+            params[0] = self.space.init_params()
+            self._x0_pending = False
+        return params
 
     def tell(self, candidates: Sequence[Params], losses: Sequence[float | None]) -> None:
         if len(losses) != len(self._pending):
             raise ValueError(f"told {len(losses)} losses for {len(self._pending)} asked candidates")
         if len(losses) == self.popsize:
-            self.es.tell(self._pending, fill_failed(losses))
+            self.es.tell(self._pending, self._penalty(losses))
         # A partial generation (the budget's last round) is not told: pycma needs a full one.
         self._pending = []
 
@@ -60,10 +72,11 @@ class PycmaCMA(Optimizer):
         return self.space.from_search(self.es.mean)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"es": self.es, "rng": self._rng}
+        return {"es": self.es, "rng": self._rng, "x0_pending": self._x0_pending, "penalty": self._penalty}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.es, self._rng = state["es"], state["rng"]
+        self.es, self._rng, self._x0_pending = state["es"], state["rng"], state["x0_pending"]
+        self._penalty = state["penalty"]
         self.es.opts["randn"] = self._rng.randn
 
 

@@ -70,7 +70,7 @@ import pytest
 from calibri.core.optimizer import Optimizer, OptimizerSettings
 from calibri.core.space import Categorical, Float, Int, Params, Space, to_jsonable
 
-__all__ = ["OptimizerContract", "check_optimizer_contract", "contract_loss", "contract_space", "drive"]
+__all__ = ["OptimizerContract", "check_optimizer_contract", "contract_checks", "contract_loss", "contract_space", "drive"]
 
 DEFAULT_KINDS = frozenset({"float", "int"})
 
@@ -251,7 +251,6 @@ class OptimizerContract:
                 except ValueError as exc:
                     raise AssertionError(f"round {index}, candidate {position} is outside the space: {exc}; "
                                          f"params={params!r}") from None
-        lows, highs = space.search_bounds()
         for name in ("x", "lr", "n"):  # the searched values move, not just x0 repeated
             values = {params[name] for asked in history for params in asked}
             assert len(values) > 1, f"dimension {name!r} never moved from {values} in {self.rounds} rounds"
