@@ -31,6 +31,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "calibri.optimizers.nevergrad_backend",
     "calibri.optimizers.optuna_backend",
     "calibri.plugins.analytic",
+    "calibri.plugins.dit.plugin",
     "calibri.core.executors",
     "calibri.core.callbacks",
     "calibri.core.commands",

@@ -1,0 +1,1 @@
+"""The Calibri plugin: DiT scale parameterisation, exact application, baking and ensembles."""

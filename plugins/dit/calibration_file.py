@@ -1,0 +1,107 @@
+"""The calibration file: a small JSON document, applied to a pipeline in one call.
+
+Format (``"format": "calibri.calibration"``, ``"version": 1``)::
+
+    {
+      "format": "calibri.calibration", "version": 1, "calibri_version": "0.1.0",
+      "architecture": "flux", "model_class": "FluxTransformer2DModel",
+      "model": {"name_or_path": "...", "config_sha256": "..."},
+      "granularity": "gate", "copies": 1, "form": "single", "guidance_scale": null,
+      "sites": ["double.0.img.attn", ...],          # in order, per copy
+      "values": {"double.0.img.attn": 1.07, ..., "omega": 1.0}
+    }
+
+``values`` uses the calibration's parameter names (``c<m>.<site>`` per copy in an ensemble,
+``omega`` or ``omega.<m>``). Applying refuses a file made for another architecture or site set;
+a different model config of the same architecture only warns.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from calibri.core.errors import UserError
+
+from .calibration import Calibrator
+
+FORMAT = "calibri.calibration"
+VERSION = 1
+
+
+class CalibrationMismatch(UserError):
+    """The calibration file does not fit this model."""
+
+
+def config_sha256(model: Any) -> str:
+    """A fingerprint of the model's architecture config (private ``_`` keys left out)."""
+    config = {k: v for k, v in dict(model.config).items() if not str(k).startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def calibration_document(calibrator: Calibrator) -> dict[str, Any]:
+    from calibri.core import __version__
+
+    model = calibrator.transformer
+    return {
+        "format": FORMAT, "version": VERSION, "calibri_version": __version__,
+        "architecture": calibrator.adapter.name, "model_class": type(model).__name__,
+        "model": {"name_or_path": str(dict(model.config).get("_name_or_path", "")),
+                  "config_sha256": config_sha256(model)},
+        "granularity": calibrator.granularity, "copies": calibrator.copies, "form": calibrator.form,
+        "guidance_scale": calibrator.guidance_scale,
+        "sites": calibrator.site_names,
+        "values": calibrator.values(),
+    }
+
+
+def save_calibration(calibrator: Calibrator, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(calibration_document(calibrator), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def load_calibration(path: str | Path) -> dict[str, Any]:
+    """Read and check a calibration file; one-line errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such calibration file")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not a readable calibration file: {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise UserError(f"{path}: not a calibri calibration file (format is not {FORMAT!r})")
+    if document.get("version") != VERSION:
+        raise UserError(f"{path}: calibration file version {document.get('version')!r} is not supported")
+    for key in ("architecture", "granularity", "copies", "form", "sites", "values"):
+        if key not in document:
+            raise UserError(f"{path}: missing {key!r}")
+    return document
+
+
+def apply_calibration(pipe_or_transformer: Any, path: str | Path) -> Calibrator:
+    """Attach the calibration in ``path`` to a pipeline's transformer (or a transformer)."""
+    document = load_calibration(path)
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    calibrator = Calibrator(transformer, document["granularity"], int(document["copies"]), document["form"],
+                            document.get("guidance_scale"))
+    if calibrator.adapter.name != document["architecture"]:
+        raise CalibrationMismatch(f"{path}: made for architecture {document['architecture']!r}, "
+                                  f"this model is {calibrator.adapter.name!r} ({type(transformer).__name__})")
+    if calibrator.site_names != list(document["sites"]):
+        ours, theirs = set(calibrator.site_names), set(document["sites"])
+        detail = (f"{len(theirs - ours)} sites unknown to this model, {len(ours - theirs)} missing"
+                  if ours != theirs else "same sites in another order")
+        raise CalibrationMismatch(f"{path}: its {len(document['sites'])} sites do not match this model's "
+                                  f"{len(calibrator.site_names)} ({detail})")
+    expected = document.get("model", {}).get("config_sha256")
+    if expected and expected != config_sha256(transformer):
+        warnings.warn(f"calibri: {path} was made for a model with another config "
+                      f"({document['model'].get('name_or_path') or 'unnamed'}); applying it anyway", stacklevel=2)
+    calibrator.attach()
+    calibrator.set_values({k: float(v) for k, v in document["values"].items()})
+    return calibrator
