@@ -34,7 +34,9 @@ def _model_for(factory: Callable[..., Any], skip: int,
             continue
         annotation = hints.get(param.name, Any)
         default = ... if param.default is inspect.Parameter.empty else param.default
-        fields[param.name] = (annotation, default)
+        # Internal names with the parameter as alias: a parameter may be called like one of
+        # pydantic's own attributes (model_config, ...).
+        fields[f"option_{len(fields)}"] = (annotation, pydantic.Field(default, alias=param.name))
     config = pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     try:
         return pydantic.create_model(f"{getattr(factory, '__name__', 'Factory')}Options",
@@ -61,9 +63,10 @@ def validate_options(factory: Callable[..., Any], options: Mapping[str, Any], fi
         where = ".".join(str(part) for part in error["loc"])
         message = error["msg"]
         if error["type"] == "extra_forbidden":
-            known = ", ".join(sorted(model.model_fields)) or "none"
+            known = ", ".join(sorted(f.alias for f in model.model_fields.values())) or "none"
             message = f"unknown option (known: {known})"
         elif "input" in error and error["type"] != "missing":
             message = f"{message} (got {error['input']!r})"
         raise ConfigError(f"{field}.{where}" if where else field, message) from None
-    return {name: getattr(validated, name) for name in options}
+    values = validated.model_dump(by_alias=True)
+    return {name: values[name] for name in options}

@@ -18,3 +18,27 @@ def calibri_register_commands(register):
 
     register(sites_command)
     register(bake_command)
+
+
+def dit_space(model_config: str, granularity: str = "gate", copies: int = 1, form: str | None = None,
+              guidance_scale: float | None = None, with_omega: bool = True, sigma: float = 0.25,
+              omega_sigma: float | None = None):
+    """Calibri scales of a DiT (config file or known model name), built on the meta device."""
+    from calibri.core.errors import ConfigError
+
+    from .calibration import Calibrator
+    from .models import build_on_meta, load_model_config
+
+    if granularity not in ("block", "layer", "gate"):
+        raise ConfigError("space.options.granularity", f"must be block, layer or gate, got {granularity!r}")
+    model = build_on_meta(load_model_config(model_config))
+    try:
+        calibrator = Calibrator(model, granularity, copies, form, guidance_scale)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ConfigError("space.options", str(exc)) from None
+    return calibrator.space(with_omega=with_omega, sigma=sigma, omega_sigma=omega_sigma)
+
+
+@hookimpl
+def calibri_register_spaces(register):
+    register("dit", dit_space)
