@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
+
+from calibri.plugins.dit.adapters import Adapter
+from calibri.plugins.dit.sites import Gate, GateRef
 import numpy as np
 
 from calibri.core.executor import Executor, ObjectiveInfo, ObjectiveRecipe, evaluate_batch
@@ -161,11 +164,15 @@ class FixtureReward:
         return [float(np.asarray(image, dtype=np.float64).mean() / 255.0) for image in images]
 
 
-class FixtureArchitecture:
-    """An adapter for models whose blocks are ``model.blocks``."""
+class FixtureArchitecture(Adapter):
+    """An adapter for a fixture model class whose blocks are ``model.blocks``, each with one gate."""
 
-    def blocks(self, model: Any) -> list[Any]:
-        return list(model.blocks)
+    name = "fixture.architecture"
+    model_classes = ("FixtureModel",)
+
+    def gates(self, model: Any) -> list[Gate]:
+        return [Gate("block", i, None, None, GateRef(f"blocks.{i}", None, 0, 1, f"blocks.{i}", 0, 1))
+                for i, _ in enumerate(model.blocks)]
 
 
 # -- callbacks ---------------------------------------------------------------------------------

@@ -242,10 +242,42 @@ def _check_command(registration):
     assert result.exit_code == 0, result.output
 
 
+def _check_architecture(registration):
+    """The documented adapter calibrates a real (tiny) DiTTransformer2DModel: identity is exact,
+    every site acts, baking matches the hooks."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from calibri.plugins.dit.calibration import Calibrator
+
+    torch.manual_seed(0)
+    model = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
+                                            sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                            norm_num_groups=4).eval()
+    adapter = registration.factory()
+    assert adapter.matches(model)
+    inputs = dict(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([3]), class_labels=torch.tensor([1]),
+                  return_dict=False)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        calibrator = Calibrator(model, "gate", adapter=adapter).attach()
+        assert torch.equal(model(**inputs)[0], reference)
+        assert len(calibrator.sites) == 4
+        for name in calibrator.site_names:
+            calibrator.reset()
+            calibrator.set_values({name: 0.5})
+            assert not torch.equal(model(**inputs)[0], reference), f"site {name} does not act"
+        calibrator.set_values({name: 0.7 for name in calibrator.site_names})
+        hooked = model(**inputs)[0]
+        calibrator.bake()
+        assert torch.allclose(model(**inputs)[0], hooked, rtol=1e-5, atol=1e-6)
+        calibrator.detach()
+        assert torch.equal(model(**inputs)[0], reference)
+
+
 DOC_EXAMPLE_CHECKS = {
     "optimizers": _check_optimizer, "objectives": _check_objective, "spaces": _check_space,
-    "executors": _check_executor, "rewards": _check_reward, "callbacks": _check_callback,
-    "commands": _check_command,
+    "executors": _check_executor, "rewards": _check_reward, "architectures": _check_architecture,
+    "callbacks": _check_callback, "commands": _check_command,
 }
 
 
@@ -308,8 +340,10 @@ def test_rewards_hook(registry):
 def test_architectures_hook(registry):
     (registration,) = _registered(registry, "architectures")
     assert registration.description == "toy adapter"
-    model = types.SimpleNamespace(blocks=("a", "b"))
-    assert registration.factory().blocks(model) == ["a", "b"]
+    model = type("FixtureModel", (), {"blocks": ("a", "b")})()
+    adapter = registration.factory()
+    assert adapter.matches(model)
+    assert [gate.gate_name for gate in adapter.gates(model)] == ["block.0", "block.1"]
 
 
 @exercises("calibri_register_callbacks")

@@ -35,11 +35,12 @@ def find_adapter(model: Any) -> Adapter:
     from calibri.core.plugins import get_registry
 
     registry = get_registry()
-    for registration in registry.items("architectures"):
-        adapter_cls = registration.factory
+    adapters = [reg.factory for reg in registry.items("architectures")
+                if isinstance(reg.factory, type) and issubclass(reg.factory, Adapter)]
+    for adapter_cls in adapters:
         if adapter_cls.matches(model):
             return adapter_cls()
-    known = ", ".join(sorted(c for reg in registry.items("architectures") for c in reg.factory.model_classes))
+    known = ", ".join(sorted(c for adapter_cls in adapters for c in adapter_cls.model_classes))
     raise PluginError(f"no Calibri adapter for {type(model).__name__} (adapters exist for: {known})")
 
 
