@@ -7,7 +7,7 @@ always gives the same weights and the caller's global RNG state is left untouche
 Transformers
     :func:`tiny_flux_transformer`, :func:`tiny_sd3_transformer`, :func:`tiny_qwen_transformer`,
     :func:`tiny_pixart_transformer` (a few blocks, widths of 32) and :func:`medium_flux_transformer`
-    (about 17 M parameters, meant for benchmarks on :data:`MEDIUM_FLUX_GRID` = 32x32 = 1024 image
+    (about 18 M parameters, meant for benchmarks on :data:`MEDIUM_FLUX_GRID` = 32x32 = 1024 image
     tokens). :func:`dummy_transformer_inputs` makes matching forward arguments for any of them.
 
 Pipelines
@@ -163,9 +163,8 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 def _eval(module: Any) -> Any:
-    module.eval()
-    module.requires_grad_(False)
-    return module
+    """Put ``module`` in eval mode, as ``from_pretrained`` does (dropout off)."""
+    return module.eval()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,7 +204,7 @@ def tiny_pixart_transformer(seed: int = 0, **overrides: Any) -> PixArtTransforme
 
 
 def medium_flux_transformer(seed: int = 0) -> FluxTransformer2DModel:
-    """A benchmark-sized FLUX transformer: 4 double + 8 single blocks, width 256, about 17 M parameters.
+    """A benchmark-sized FLUX transformer: 4 double + 8 single blocks, width 256, about 18 M parameters.
 
     Meant to be run on :data:`MEDIUM_FLUX_GRID` (1024 image tokens), e.g. with
     ``dummy_transformer_inputs(model, grid=MEDIUM_FLUX_GRID, text_len=64)``.
@@ -227,8 +226,11 @@ def dummy_transformer_inputs(
 
     ``grid`` is the (height, width) of the image-token grid (after patching), ``text_len`` the number
     of text tokens and ``timestep`` the flow time in [0, 1]. Random tensors come from a generator
-    seeded with ``seed``; the call returns a plain output tensor (``return_dict=False``).
+    seeded with ``seed``. ``return_dict=False`` is included, so ``transformer(**inputs)[0]`` is the output.
     """
+    known = (FluxTransformer2DModel, SD3Transformer2DModel, QwenImageTransformer2DModel, PixArtTransformer2DModel)
+    if not isinstance(transformer, known):
+        raise TypeError(f"no dummy inputs for {type(transformer).__name__}")
     cfg = transformer.config
     gen = torch.Generator().manual_seed(seed)
     h, w = grid
@@ -270,7 +272,7 @@ def dummy_transformer_inputs(
         )
         if cfg.guidance_embeds:
             kwargs["guidance"] = torch.full((b,), 3.5)
-    elif isinstance(transformer, PixArtTransformer2DModel):
+    else:  # PixArt
         p = cfg.patch_size
         kwargs = dict(
             hidden_states=randn(b, cfg.in_channels, h * p, w * p),
@@ -278,8 +280,6 @@ def dummy_transformer_inputs(
             timestep=(t * 1000).long(),
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
         )
-    else:
-        raise TypeError(f"no dummy inputs for {type(transformer).__name__}")
     kwargs["return_dict"] = False
     return kwargs
 
