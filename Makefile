@@ -30,6 +30,7 @@ test-all: venv
 
 bench: venv
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/dit_overhead.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -44,8 +44,12 @@ def build_on_meta(config: dict[str, Any]) -> Any:
     cls = getattr(diffusers, class_name, None)
     if cls is None:
         raise UserError(f"diffusers has no model class {class_name!r} (installed diffusers {diffusers.__version__})")
-    with torch.device("meta"):
-        try:
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # published configs may carry keys a newer class ignores
+    try:
+        with torch.device("meta"):
             return cls.from_config(config)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"cannot build {class_name} from this config: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"cannot build {class_name} from this config: {exc}") from None
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
