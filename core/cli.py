@@ -15,8 +15,13 @@ class _CalibriGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CalibriError as exc:
-            click.echo(f"calibri: error: {exc}", err=True)
+            click.echo(f"calibri: error: {one_line(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
+
+
+def one_line(text: str) -> str:
+    """Messages are printed on one line; a multi-line one (an objective's traceback text) is joined."""
+    return " | ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli = build_cli()
     except CalibriError as exc:
-        click.echo(f"calibri: error: {exc}", err=True)
+        click.echo(f"calibri: error: {one_line(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     cli.main(args=argv, prog_name="calibri")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -51,6 +52,7 @@ def _objective() -> Objective:
     if _worker_objective is None:
         assert _worker_recipe is not None
         _worker_objective = _worker_recipe.build(_worker_device)
+        multiprocessing.util.Finalize(None, _worker_objective.close, exitpriority=10)  # at worker exit
     return _worker_objective
 
 
@@ -95,20 +97,36 @@ class ProcessExecutor(Executor):
             raise PluginError(f"a worker process died while building objective {self.recipe.name!r}: {exc}") from None
 
     def evaluate(self, candidates: Sequence[Params], ctx: RoundContext) -> list[EvalResult]:
+        if getattr(self._pool, "_broken", False):  # a worker died while idle, between rounds
+            self._restart()
         chunks = [list(chunk) for chunk in np.array_split(np.arange(len(candidates)), self.workers) if len(chunk)]
-        futures = [self._pool.submit(_worker_evaluate, [candidates[i] for i in chunk], ctx) for chunk in chunks]
+        futures = []
+        for chunk in chunks:
+            try:
+                futures.append(self._pool.submit(_worker_evaluate, [candidates[i] for i in chunk], ctx))
+            except BrokenProcessPool:  # the pool broke before this chunk was submitted
+                futures.append(None)
         results: list[EvalResult] = []
         broken = False
         for chunk, future in zip(chunks, futures):
             try:
+                if future is None:
+                    raise BrokenProcessPool("the pool broke before the chunk was submitted")
                 results.extend(future.result())
             except BrokenProcessPool:
                 broken = True
                 results.extend(EvalResult.failure("worker process died") for _ in chunk)
         if broken:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = self._start()
+            self._restart()
         return results
+
+    def _restart(self) -> None:
+        # Python 3.11 can start a worker while a pool breaks and never stop it, and shutdown()
+        # would wait for it forever: kill the workers first (no submit is in flight here).
+        for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+            process.kill()
+        self._pool.shutdown(cancel_futures=True)
+        self._pool = self._start()
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 from .space import Params, Space
 
 Direction = Literal["minimize", "maximize"]
@@ -68,9 +70,11 @@ class EvalResult:
         except (TypeError, ValueError):
             return EvalResult.failure(f"objective returned a non-number: {self.value!r}")
         if not math.isfinite(value):
-            return EvalResult(value=None, metrics=self.metrics, artifacts=self.artifacts,
+            return EvalResult(value=None, metrics={k: _plain(v) for k, v in self.metrics.items()},
+                              artifacts={k: _plain(v) for k, v in self.artifacts.items()},
                               status="failed", error=f"objective returned {value}")
-        return EvalResult(value=value, metrics=dict(self.metrics), artifacts=dict(self.artifacts))
+        return EvalResult(value=value, metrics={k: _plain(v) for k, v in self.metrics.items()},
+                          artifacts={k: _plain(v) for k, v in self.artifacts.items()})
 
 
 class Objective(ABC):
@@ -106,6 +110,15 @@ class FunctionObjective(Objective):
         if self.with_context:
             return [self.fn(params, ctx) for params in candidates]
         return [self.fn(params) for params in candidates]
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe scalar: numpy scalars become Python ones, non-finite floats None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def as_result(raw: EvalResult | float | Mapping[str, Any]) -> EvalResult:

@@ -219,8 +219,11 @@ class Runner:
                 for cb in callbacks:
                     _call(cb, "on_round_end", record)
                 if state["n_failed"] > config.max_failure_rate * state["n_evals"]:
+                    store.write_best(self._best_json(state, optimizer, space, direction))
                     raise RunFailed(f"{state['n_failed']} of {state['n_evals']} evaluations failed, more than "
                                     f"max_failure_rate={config.max_failure_rate:g}; last error: {state['last_error']}")
+            state["finished"] = True  # also when resumed after a kill that came before best.json
+            store.write_best(self._best_json(state, optimizer, space, direction))
             summary = self._summary(state, optimizer, space, direction)
             for cb in callbacks:
                 _call(cb, "on_run_end", summary)

@@ -82,8 +82,10 @@ class NevergradOptimizer(Optimizer):
         if len(losses) != len(self._pending):
             raise ValueError(f"told {len(losses)} losses for {len(self._pending)} asked candidates")
         filled = self._penalty(losses)
-        for candidate, loss in zip(self._pending, filled):
-            self.ng_optimizer.tell(candidate, loss)
+        with warnings.catch_warnings():  # a round that failed entirely is told a huge penalty, on purpose
+            warnings.filterwarnings("ignore", message=".*[Ll]oss.*")
+            for candidate, loss in zip(self._pending, filled):
+                self.ng_optimizer.tell(candidate, loss)
         self._history.append(filled)
         self._pending = []
 
