@@ -27,6 +27,10 @@ def to_canonical(images: Any) -> "torch.Tensor":  # noqa: F821 - torch imported 
             raise ValueError(f"expected images N×C×H×W, got a tensor of shape {tuple(tensor.shape)}")
         if tensor.shape[1] not in (1, 3) and tensor.shape[-1] in (1, 3):
             tensor = tensor.permute(0, 3, 1, 2)
+        if tensor.shape[1] not in (1, 3):
+            raise ValueError(f"expected images with 1 or 3 channels, got a tensor of shape {tuple(tensor.shape)}")
+        if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
+            raise ValueError(f"expected uint8 or float images, got dtype {tensor.dtype}")
         tensor = tensor.float() / 255.0 if tensor.dtype == torch.uint8 else tensor.float()
     else:
         if isinstance(images, np.ndarray):
@@ -48,6 +52,8 @@ def to_canonical(images: Any) -> "torch.Tensor":  # noqa: F821 - torch imported 
         tensor = tensor.expand(-1, 3, -1, -1)
     if tensor.shape[0] == 0:
         raise ValueError("the batch holds no images")
+    if tensor.numel() == 0:
+        raise ValueError(f"images must be at least 1×1 pixels, got shape {tuple(tensor.shape)}")
     if not torch.isfinite(tensor).all():
         raise ValueError("images contain NaN or infinite values")
     if tensor.min() < 0.0 or tensor.max() > 1.0:
@@ -93,6 +99,8 @@ class Reward(ABC):
         """float64 scores, one per image; batches of ``batch_size``."""
         canonical = to_canonical(images)
         n = canonical.shape[0]
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of strings, one per image, not a single string")
         prompts = list(prompts) if prompts is not None else [""] * n
         metadata = list(metadata) if metadata is not None else [{} for _ in range(n)]
         if len(prompts) != n or len(metadata) != n:
