@@ -28,6 +28,9 @@ class Adapter:
     #: True when the stock pipeline batches CFG as [unconditional; conditional] in one call
     #: (Stable Diffusion 3); False when it makes separate calls under ``cache_context``.
     cfg_batched: ClassVar[bool] = False
+    #: True when the stock pipeline rescales the guided velocity to the norm of the conditional
+    #: call's output (Qwen-Image): there only the direction of ω0·v_c + ω1·v_u can be set.
+    cfg_renormalized: ClassVar[bool] = False
 
     @classmethod
     def matches(cls, model: Any) -> bool:
@@ -94,16 +97,21 @@ class SD3Adapter(Adapter):
 class QwenImageAdapter(Adapter):
     """Qwen-Image (``QwenImageTransformerBlock``): image and text attention and MLP gates, each a
     slice of the stream's modulation Linear (``img_mod`` / ``txt_mod``: shift, scale, gate for the
-    attention, then for the MLP). Scaling the modulation output reaches the MLP gates too."""
+    attention, then for the MLP). Scaling the modulation output reaches the MLP gates too. The last
+    block's text gates are left out: its text output is discarded (238 live gates on Qwen-Image,
+    where the paper counts 240)."""
 
     name = "qwenimage"
     model_classes = ("QwenImageTransformer2DModel",)
+    cfg_renormalized = True
 
     def gates(self, model: Any) -> list[Gate]:
         out: list[Gate] = []
+        last = len(model.transformer_blocks) - 1
         for i, _ in enumerate(model.transformer_blocks):
             base = f"transformer_blocks.{i}"
-            for stream in ("img", "txt"):
+            # The text stream is dropped after the last block, so its text gates would act on nothing.
+            for stream in ("img",) if i == last else ("img", "txt"):
                 mod = f"{base}.{stream}_mod"
                 out.append(Gate("block", i, stream, "attn", GateRef(mod, None, 2, 6, f"{mod}.1", 2, 6)))
                 out.append(Gate("block", i, stream, "mlp", GateRef(mod, None, 5, 6, f"{mod}.1", 5, 6)))

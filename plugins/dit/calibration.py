@@ -162,7 +162,13 @@ def _ensemble_hook_class() -> type:
 
         def _cfg(self, forward: Any, state: ScaleState, omega: Sequence[float], args: Any, kwargs: Any) -> Any:
             g = self.calibrator.guidance_scale
-            cond_factor, uncond_factor = omega[0] / g, omega[1] / (1.0 - g)
+            if self.calibrator.adapter.cfg_renormalized and omega[0] != 0.0:
+                # The pipeline rescales u' + g (c' - u') to the norm of c': keep c' at the norm of
+                # v_c (factor ±1) and weight u' so that the guided direction is ω0 v_c + ω1 v_u's.
+                cond_factor = 1.0 if g * omega[0] > 0 else -1.0
+                uncond_factor = abs(g / omega[0]) * omega[1] / (1.0 - g)
+            else:
+                cond_factor, uncond_factor = omega[0] / g, omega[1] / (1.0 - g)
             name = self._call_name()
             if name in ("cond", "uncond"):
                 row, factor = (0, cond_factor) if name == "cond" else (1, uncond_factor)
@@ -217,6 +223,8 @@ class Calibrator:
         self.adapter = adapter or find_adapter(transformer)
         self.granularity: Granularity = granularity
         self.form: Form = form or ("single" if copies == 1 else self.adapter.default_form)
+        if self.form not in ("single", "distilled", "cfg"):
+            raise ValueError(f"unknown ensemble form {self.form!r} (use single, distilled or cfg)")
         if self.form == "single" and copies != 1:
             raise ValueError("form 'single' has one copy")
         if self.form == "cfg":
@@ -278,9 +286,16 @@ class Calibrator:
         """Register the hooks (once). Values start at identity: all scales 1, ω at its init."""
         if self._attached:
             return self
+        from diffusers.hooks import HookRegistry
+
+        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+        if ENSEMBLE_HOOK in registry.hooks:
+            raise RuntimeError(f"this {type(self.transformer).__name__} already carries a Calibri calibration; "
+                               "detach() it before attaching another")
         device = next((p.device for p in self.transformer.parameters()), torch.device("cpu"))
         table = torch.ones(self.copies, len(self.sites) + 1, dtype=torch.float32, device=device)
         self.state = ScaleState(table)
+        self.omega = list(self.initial_omega())
         constant = len(self.sites)
         by_output: dict[tuple[str, int | None], dict[int, int]] = {}
         chunk_counts: dict[tuple[str, int | None], int] = {}
@@ -294,10 +309,7 @@ class Calibrator:
                                    dtype=torch.long, device=device)
             module = self.transformer.get_submodule(module_name)
             self._handles.append(module.register_forward_hook(_GateHook(self.state, output_index, columns)))
-        from diffusers.hooks import HookRegistry
-
-        HookRegistry.check_if_exists_or_initialize(self.transformer).register_hook(
-            _ensemble_hook_class()(self), ENSEMBLE_HOOK)
+        registry.register_hook(_ensemble_hook_class()(self), ENSEMBLE_HOOK)
         self._attached = True
         return self
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 from calibri.core.errors import UserError
 
 from .calibration import Calibrator
+from .sites import GRANULARITIES
 
 FORMAT = "calibri.calibration"
 VERSION = 1
@@ -80,15 +82,51 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
     for key in ("architecture", "granularity", "copies", "form", "sites", "values"):
         if key not in document:
             raise UserError(f"{path}: missing {key!r}")
+    _check_fields(path, document)
     return document
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_fields(path: Path, document: dict[str, Any]) -> None:
+    """The types and values of the fields apply_calibration reads (a damaged or hand-edited file)."""
+    def fail(message: str) -> None:
+        raise UserError(f"{path}: {message}")
+
+    if document["granularity"] not in GRANULARITIES:
+        fail(f"granularity {document['granularity']!r} is not one of {', '.join(GRANULARITIES)}")
+    if document["form"] not in ("single", "distilled", "cfg"):
+        fail(f"form {document['form']!r} is not one of single, distilled, cfg")
+    copies = document["copies"]
+    if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
+        fail(f"copies must be a positive integer, got {copies!r}")
+    guidance = document.get("guidance_scale")
+    if guidance is not None and not _number(guidance):
+        fail(f"guidance_scale must be a number or null, got {guidance!r}")
+    sites = document["sites"]
+    if not isinstance(sites, list) or not all(isinstance(site, str) for site in sites):
+        fail("sites must be a list of site names")
+    values = document["values"]
+    if not isinstance(values, dict):
+        fail("values must map parameter names to numbers")
+    for name, value in values.items():
+        if not _number(value):
+            fail(f"value of {name!r} is not a finite number: {value!r}")
+    if not isinstance(document.get("model", {}), dict):
+        fail("model must be a mapping")
 
 
 def apply_calibration(pipe_or_transformer: Any, path: str | Path) -> Calibrator:
     """Attach the calibration in ``path`` to a pipeline's transformer (or a transformer)."""
     document = load_calibration(path)
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
-    calibrator = Calibrator(transformer, document["granularity"], int(document["copies"]), document["form"],
-                            document.get("guidance_scale"))
+    try:
+        calibrator = Calibrator(transformer, document["granularity"], document["copies"], document["form"],
+                                document.get("guidance_scale"))
+    except ValueError as exc:
+        raise CalibrationMismatch(f"{path}: {exc}") from None
     if calibrator.adapter.name != document["architecture"]:
         raise CalibrationMismatch(f"{path}: made for architecture {document['architecture']!r}, "
                                   f"this model is {calibrator.adapter.name!r} ({type(transformer).__name__})")
@@ -102,6 +140,10 @@ def apply_calibration(pipe_or_transformer: Any, path: str | Path) -> Calibrator:
     if expected and expected != config_sha256(transformer):
         warnings.warn(f"calibri: {path} was made for a model with another config "
                       f"({document['model'].get('name_or_path') or 'unnamed'}); applying it anyway", stacklevel=2)
+    unknown = sorted(set(document["values"]) - set(calibrator.parameter_names()))
+    if unknown:
+        raise CalibrationMismatch(f"{path}: values for {len(unknown)} parameters this calibration does not have "
+                                  f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})")
     calibrator.attach()
     calibrator.set_values({k: float(v) for k, v in document["values"].items()})
     return calibrator

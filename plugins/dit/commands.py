@@ -19,12 +19,13 @@ GRANULARITY = click.Choice(["block", "layer", "gate"])
 def sites_command(model_config: str, granularity: str, copies: int, form: str | None,
                   guidance_scale: float | None, as_json: bool) -> None:
     """List a DiT's Calibri scale sites (built on the meta device: no weights are loaded)."""
-    from .calibration import Calibrator
+    from .calibration import Calibrator, find_adapter
     from .models import build_on_meta, load_model_config
 
     config = load_model_config(model_config)
     model = build_on_meta(config)
-    if form == "cfg" and guidance_scale is None:
+    family_cfg = form is None and copies > 1 and find_adapter(model).default_form == "cfg"
+    if (form == "cfg" or family_cfg) and guidance_scale is None:
         guidance_scale = 7.0
     try:
         calibrator = Calibrator(model, granularity, copies, form, guidance_scale)  # type: ignore[arg-type]
