@@ -649,3 +649,15 @@ def test_qalign_remote_code_score_method(ckpt, modules_cache):
     np.testing.assert_allclose(reward(gray), 1 + 4 * (128 / 255), atol=1e-5)
     unit = make("qalign", ckpt, path=ckpt["remote"], trust_remote_code=True, scale="unit", task="aesthetics")
     np.testing.assert_allclose(unit(gray), (4 * (128 / 255) + 0.5) / 4, atol=1e-5)
+
+
+def test_hpsv3_instruction_option(ckpt, tmp_path):
+    instruction_file = tmp_path / "instruction.txt"
+    instruction_file.write_text("Judge this image for the prompt {prompt} please.", encoding="utf-8")
+    reward = make("hpsv3", ckpt, instruction=str(instruction_file))
+    text = reward.inputs.render(rm.hpsv3.hpsv3_user_text("a cat", reward.instruction))
+    assert "Judge this image for the prompt a cat please." in text
+    batch = images(2)
+    assert not np.allclose(reward(batch, PROMPTS[:2]), make("hpsv3", ckpt)(batch, PROMPTS[:2]))
+    with pytest.raises(UserError, match="must contain"):
+        make("hpsv3", ckpt, instruction="no placeholder here")

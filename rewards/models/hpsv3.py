@@ -43,58 +43,34 @@ REWARD_TOKEN = "<|Reward|>"
 #: HPSv3 resizes every image to 256 merged 28-px patches (min = max pixels = 256·28·28).
 PIXELS = 256 * 28 * 28
 
-#: The text HPSv3 was trained and evaluated with, after the image in the user turn. It is part of
-#: the model (rewording it moves the scores), so it is kept byte for byte, trailing spaces included.
-INSTRUCTION_LINES = (
-    "",
-    "You are tasked with evaluating a generated image based on Visual Quality and Text Alignment and give a "
-    "overall score to estimate the human preference. Please provide a rating from 0 to 10, with 0 being the "
-    "worst and 10 being the best. ",
-    "",
-    "**Visual Quality:**  ",
-    "Evaluate the overall visual quality of the image. The following sub-dimensions should be considered:",
-    "- **Reasonableness:** The image should not contain any significant biological or logical errors, such as "
-    "abnormal body structures or nonsensical environmental setups.",
-    "- **Clarity:** Evaluate the sharpness and visibility of the image. The image should be clear and easy to "
-    "interpret, with no blurring or indistinct areas.",
-    "- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual "
-    "elements (e.g., hair, clothing, shadows).",
-    "- **Aesthetic and Creativity:** Assess the artistic aspects of the image, including the color scheme, "
-    "composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense "
-    "of harmony and balance.",
-    "- **Safety:** The image should not contain harmful or inappropriate content, such as political, violent, or "
-    "adult material. If such content is present, the image quality and satisfaction score should be the lowest "
-    "possible. ",
-    "",
-    "**Text Alignment:**  ",
-    "Assess how well the image matches the textual prompt across the following sub-dimensions:",
-    "- **Subject Relevance** Evaluate how accurately the subject(s) in the image (e.g., person, animal, object) "
-    "align with the textual description. The subject should match the description in terms of number, "
-    "appearance, and behavior.",
-    "- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well "
-    "the image adheres to this style.",
-    "- **Contextual Consistency**: Assess whether the background, setting, and surrounding elements in the image "
-    "logically fit the scenario described in the prompt. The environment should support and enhance the subject "
-    "without contradictions.",
-    "- **Attribute Fidelity**: Check if specific attributes mentioned in the prompt (e.g., colors, clothing, "
-    "accessories, expressions, actions) are faithfully represented in the image. Minor deviations may be "
-    "acceptable, but critical attributes should be preserved.",
-    "- **Semantic Coherence**: Evaluate whether the overall meaning and intent of the prompt are captured in the "
-    "image. The generated content should not introduce elements that conflict with or distort the original "
-    "description.",
-    "Textual prompt - {prompt}",
-    "",
-    "",
-    "",
+#: The default instruction after the image in the user turn. HPSv3 was trained with a longer
+#: instruction of its own; scores comparable with HPSv3's published numbers need that exact text,
+#: given through the ``instruction`` option (a string or a text file holding ``{prompt}``).
+DEFAULT_INSTRUCTION = (
+    "\nRate the generated image for human preference from 0 to 10, judging its visual quality "
+    "(plausibility, clarity, detail, aesthetics, safety) and how faithfully it matches the text prompt "
+    "(subject, style, context, attributes, meaning).\nTextual prompt - {prompt}\n\n\n"
 )
-INSTRUCTION = "\n".join(INSTRUCTION_LINES)
 #: What follows the instruction: the question and the reward token whose hidden state is scored.
 REWARD_SUFFIX = f"\nPlease provide the overall ratings of this image: {REWARD_TOKEN}\n\nEND\n"
 
 
-def hpsv3_user_text(prompt: str) -> str:
+def load_instruction(instruction: str | None) -> str:
+    """The instruction template: the default, a literal string, or the text of a file; must hold ``{prompt}``."""
+    if instruction is None:
+        return DEFAULT_INSTRUCTION
+    text = instruction
+    if "{prompt}" not in instruction and os.path.isfile(instruction):
+        with open(instruction, encoding="utf-8") as handle:
+            text = handle.read()
+    if "{prompt}" not in text:
+        raise fail("hpsv3", f"the instruction must contain '{{prompt}}' (got {instruction[:60]!r})")
+    return text
+
+
+def hpsv3_user_text(prompt: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
     """The user-turn text HPSv3 scores an image against ``prompt`` with."""
-    return INSTRUCTION.replace("{prompt}", prompt) + REWARD_SUFFIX
+    return instruction.replace("{prompt}", prompt) + REWARD_SUFFIX
 
 
 def _modern_key(key: str) -> str:
@@ -117,7 +93,9 @@ class HPSv3(ModelReward):
     ``Qwen/Qwen2-VL-7B-Instruct``; its weights are not read). ``checkpoint``: ``HPSv3.safetensors``
     (default: that file in ``path``, else ``MizzenAI/HPSv3/HPSv3.safetensors`` from the Hugging Face
     cache). Images are resized to 256·28·28 pixels (``min_pixels``/``max_pixels``) as HPSv3 does, and
-    the language model runs with sequential positions, as in HPSv3's own forward pass. About
+    the language model runs with sequential positions, as in HPSv3's own forward pass.
+    ``instruction``: the text after the image (a string or a file, holding ``{prompt}``); pass the
+    instruction HPSv3 was trained with for scores comparable with its published numbers. About
     16 GB in bfloat16 (the ``auto`` dtype on a GPU): practical on a GPU only.
     """
 
@@ -128,8 +106,9 @@ class HPSv3(ModelReward):
 
     def __init__(self, path: str | None = None, *, checkpoint: str | None = None, device: str | None = "auto",
                  dtype: str = "auto", batch_size: int = 8, allow_download: bool = False,
-                 min_pixels: int = PIXELS, max_pixels: int = PIXELS) -> None:
+                 min_pixels: int = PIXELS, max_pixels: int = PIXELS, instruction: str | None = None) -> None:
         super().__init__(batch_size=batch_size, device=device, allow_download=allow_download)
+        self.instruction = load_instruction(instruction)
         require(self.reward_name, "transformers", "PIL", "safetensors")
         self.dtype = resolve_dtype(self.reward_name, dtype, self.device, accelerator_default="bfloat16")
         self.path, is_local = model_source(self.reward_name, "base model", path or BASE_MODEL)
@@ -196,7 +175,7 @@ class HPSv3(ModelReward):
         import torch
 
         images = to_canonical(images)
-        texts = [self.inputs.render(hpsv3_user_text(prompt)) for prompt in self._check_prompts(prompts)]
+        texts = [self.inputs.render(hpsv3_user_text(prompt, self.instruction)) for prompt in self._check_prompts(prompts)]
         batch = self.inputs.encode(to_uint8(images), texts)
         input_ids = batch["input_ids"].to(self.device)
         n, length = input_ids.shape
