@@ -61,6 +61,18 @@ def to_canonical(images: Any) -> "torch.Tensor":  # noqa: F821 - torch imported 
     return tensor.contiguous()
 
 
+def batch_text(n: int, prompts: Sequence[str] | None,
+               metadata: Sequence[Mapping[str, Any]] | None) -> tuple[list[str], list[Mapping[str, Any]]]:
+    """Prompts and metadata as lists of ``n`` (empty defaults), checked against the image count."""
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, one per image, not a single string")
+    prompts = list(prompts) if prompts is not None else [""] * n
+    metadata = list(metadata) if metadata is not None else [{} for _ in range(n)]
+    if len(prompts) != n or len(metadata) != n:
+        raise ValueError(f"{n} images but {len(prompts)} prompts and {len(metadata)} metadata entries")
+    return prompts, metadata
+
+
 def _as_hwc(image: Any) -> np.ndarray:
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
         return np.asarray(image.convert("RGB"))
@@ -99,12 +111,7 @@ class Reward(ABC):
         """float64 scores, one per image; batches of ``batch_size``."""
         canonical = to_canonical(images)
         n = canonical.shape[0]
-        if isinstance(prompts, str):
-            raise ValueError("prompts must be a list of strings, one per image, not a single string")
-        prompts = list(prompts) if prompts is not None else [""] * n
-        metadata = list(metadata) if metadata is not None else [{} for _ in range(n)]
-        if len(prompts) != n or len(metadata) != n:
-            raise ValueError(f"{n} images but {len(prompts)} prompts and {len(metadata)} metadata entries")
+        prompts, metadata = batch_text(n, prompts, metadata)
         scores = []
         for start in range(0, n, self.batch_size):
             stop = start + self.batch_size

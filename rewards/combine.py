@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import ConfigError, PluginError
-from .base import Reward, to_canonical
+from .base import Reward, batch_text, to_canonical
 
 MODES = ("sum", "standardized")
 _MODE_ALIASES = {"sum": "sum", "standardized": "standardized", "standardised": "standardized"}
@@ -177,12 +177,7 @@ class CombinedReward(Reward):
                           metadata: Sequence[Mapping[str, Any]] | None) -> dict[str, np.ndarray]:
         canonical = to_canonical(images)
         n = canonical.shape[0]
-        if isinstance(prompts, str):
-            raise ValueError("prompts must be a list of strings, one per image, not a single string")
-        prompts = list(prompts) if prompts is not None else [""] * n
-        metadata = list(metadata) if metadata is not None else [{} for _ in range(n)]
-        if len(prompts) != n or len(metadata) != n:
-            raise ValueError(f"{n} images but {len(prompts)} prompts and {len(metadata)} metadata entries")
+        prompts, metadata = batch_text(n, prompts, metadata)
         return {label: np.asarray(reward(canonical, prompts, metadata), dtype=np.float64)
                 for label, reward in self.rewards.items()}
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..core.errors import CalibriError, ConfigError, UserError
 from ..core.hookspecs import hookimpl
-from .base import Reward, to_canonical
+from .base import Reward, batch_text, to_canonical
 from .protocol import CONTENT_TYPE, PROTOCOL_VERSION, decode_scores, encode_request
 from .server import (DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_REQUEST_MB, DEFAULT_PORT, DEFAULT_READ_TIMEOUT,
                      RewardServer, is_loopback)
@@ -159,12 +159,7 @@ class RemoteReward(Reward):
         """
         canonical = _as_canonical(images)
         n = canonical.shape[0]
-        if isinstance(prompts, str):
-            raise ValueError("prompts must be a list of strings, one per image, not a single string")
-        prompts = list(prompts) if prompts is not None else [""] * n
-        metadata = list(metadata) if metadata is not None else [{} for _ in range(n)]
-        if len(prompts) != n or len(metadata) != n:
-            raise ValueError(f"{n} images but {len(prompts)} prompts and {len(metadata)} metadata entries")
+        prompts, metadata = batch_text(n, prompts, metadata)
         return self.score(canonical, prompts, metadata)
 
     def score(self, images, prompts, metadata):
