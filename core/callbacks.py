@@ -30,6 +30,7 @@ class RoundRecord:
     round_best: float | None
     best: float | None
     elapsed: float
+    validation: float | None = None  # the selected point's held-out value, in runs with validation
 
 
 class ProgressBar:
@@ -60,7 +61,8 @@ class ProgressBar:
             self._bar.update(position - self._position)
         self._position = position
         if record.best is not None:
-            self._bar.set_postfix(best=f"{record.best:.6g}", failed=record.failures, refresh=False)
+            extra = {"val": f"{record.validation:.4g}"} if record.validation is not None else {}
+            self._bar.set_postfix(best=f"{record.best:.6g}", **extra, failed=record.failures, refresh=False)
 
     def on_run_end(self, summary: Any) -> None:
         if self._bar is not None:

@@ -65,6 +65,15 @@ class BudgetConfig(_Strict):
         return self
 
 
+class ValidationConfig(_Strict):
+    """Held-out evaluation of the optimiser's recommendation and of the incumbent every
+    ``every`` rounds (and at the end), for objectives whose data stream has a validation set.
+    The run's result is the point with the best validation value, not the best noisy
+    training value (the winner's curse)."""
+
+    every: int | None = Field(default=None, ge=1)
+
+
 class RunConfig(_Strict):
     """The whole run. ``space`` is a mapping of dimensions, or ``{name: ..., options: ...}``
     naming a registered parameterisation; omitted, the objective supplies its own."""
@@ -76,6 +85,7 @@ class RunConfig(_Strict):
     optimizer: OptimizerConfig
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     budget: BudgetConfig
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     max_failure_rate: float = Field(default=0.2, ge=0, le=1)
     fsync: bool = Field(default=False, description="fsync run files every round: survive power loss, not "
                                                    "only a killed process (costs milliseconds per round)")

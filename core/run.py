@@ -8,6 +8,7 @@ exactly the trajectory of an uninterrupted one, whatever the number of workers.
 from __future__ import annotations
 
 import importlib
+import json
 import platform
 import random
 import time
@@ -29,6 +30,7 @@ from .options import validate_options
 from .plugins import Registration, add_plugin_modules, build_from, get_registry
 from .space import Space, to_jsonable
 from .store import RunStore
+from .validation import Validator
 
 #: best.json is a convenience view (the checkpoint is the record): rewritten when the best improves,
 #: at most this often in seconds, and when the run finishes. Replacing a file costs ~1 ms on ext4.
@@ -183,9 +185,12 @@ class Runner:
             direction = info.direction
             optimizer = self._build_optimizer(space)
             stream = self._build_stream()
+            validator = Validator(stream, config.validation.every, store, direction)
             state = store.load_checkpoint() if resume else None
             if state is not None:
+                state.setdefault("validation", Validator.initial_state())
                 store.truncate_trials(state["n_evals"])
+                store.truncate_validation(state["validation"]["count"])
                 optimizer.load_state_dict(state["optimizer"])
                 if stream is not None and state.get("stream") is not None:
                     stream.load_state_dict(state["stream"])
@@ -193,19 +198,24 @@ class Runner:
                 np.random.set_state(state["rng"]["numpy"])
             else:
                 store.truncate_trials(0)
+                store.truncate_validation(0)
                 state = {"round": 0, "n_evals": 0, "n_failed": 0, "elapsed": 0.0, "best": None,
-                         "finished": False, "last_error": None}
+                         "finished": False, "last_error": None, "validation": Validator.initial_state()}
 
             budget = config.budget
             for cb in callbacks:
                 _call(cb, "on_run_start", RunInfo(str(store.path), direction, state["round"], budget.rounds,
                                                   budget.evaluations, resume))
             started = time.monotonic() - state["elapsed"]
+            validator.baseline(state["validation"], executor, space)
             best_pending, best_written = False, -float("inf")
             while not self._done(state, started):
                 self._one_round(state, executor, optimizer, stream, space, direction)
                 state["elapsed"] = time.monotonic() - started
                 state["finished"] = self._done(state, started)
+                if validator.due(state["round"], state["finished"]):
+                    incumbent = space.from_json(json.dumps(state["best"]["params"])) if state["best"] else None
+                    validator.validate(state["validation"], executor, state["round"], optimizer.recommend(), incumbent)
                 store.save_checkpoint({**state, "optimizer": optimizer.state_dict(),
                                        "stream": stream.state_dict() if stream is not None else None,
                                        "rng": {"python": random.getstate(), "numpy": np.random.get_state()}})
@@ -213,9 +223,10 @@ class Runner:
                 if state["finished"] or (best_pending and time.monotonic() - best_written >= BEST_JSON_INTERVAL):
                     store.write_best(self._best_json(state, optimizer, space, direction))
                     best_pending, best_written = False, time.monotonic()
+                selected = state["validation"]["selected"]
                 record = RoundRecord(state["round"] - 1, state["n_evals"], state["n_failed"],
                                      state["round_best"], state["best"]["value"] if state["best"] else None,
-                                     state["elapsed"])
+                                     state["elapsed"], selected["value"] if selected else None)
                 for cb in callbacks:
                     _call(cb, "on_round_end", record)
                 if state["n_failed"] > config.max_failure_rate * state["n_evals"]:
@@ -225,9 +236,10 @@ class Runner:
             state["finished"] = True  # also when resumed after a kill that came before best.json
             store.write_best(self._best_json(state, optimizer, space, direction))
             summary = self._summary(state, optimizer, space, direction)
-            for cb in callbacks:
-                _call(cb, "on_run_end", summary)
-            return summary
+        # after the workers are gone: an end-of-run callback may load the model itself
+        for cb in callbacks:
+            _call(cb, "on_run_end", summary)
+        return summary
 
     def _done(self, state: dict[str, Any], started: float) -> bool:
         budget = self.config.budget
@@ -276,9 +288,13 @@ class Runner:
 
     def _best_json(self, state: dict[str, Any], optimizer: Optimizer, space: Space, direction: str) -> dict[str, Any]:
         """best.json's content; its counts say how far the run was when it was written."""
-        return {"direction": direction, "best": state["best"], "recommendation": to_jsonable(optimizer.recommend()),
-                "rounds": state["round"], "evaluations": state["n_evals"], "failures": state["n_failed"],
-                "elapsed_seconds": round(state["elapsed"], 3), "finished": state["finished"]}
+        out = {"direction": direction, "best": state["best"], "recommendation": to_jsonable(optimizer.recommend()),
+               "rounds": state["round"], "evaluations": state["n_evals"], "failures": state["n_failed"],
+               "elapsed_seconds": round(state["elapsed"], 3), "finished": state["finished"]}
+        validation = Validator.summary(state.get("validation") or Validator.initial_state())
+        if validation is not None:
+            out["validation"] = validation
+        return out
 
     def _summary(self, state: dict[str, Any], optimizer: Optimizer, space: Space, direction: str) -> dict[str, Any]:
         return {"run_dir": str(self.store.path), **self._best_json(state, optimizer, space, direction)}

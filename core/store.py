@@ -4,6 +4,7 @@ Layout::
 
     RUN_DIR/config.yaml        the fully resolved config (with package versions)
     RUN_DIR/trials.jsonl       one JSON line per evaluation, appended after each round
+    RUN_DIR/validation.jsonl   one JSON line per held-out evaluation (runs with validation)
     RUN_DIR/checkpoint/        state-<round>.pkl, written atomically after each round (newest 2 kept)
     RUN_DIR/optimizer/         files a backend keeps (optuna's journal)
     RUN_DIR/best.json          best evaluated point, the optimiser's recommendation, progress
@@ -63,6 +64,7 @@ class RunStore:
 
     config_path = property(lambda self: self.path / "config.yaml")
     trials_path = property(lambda self: self.path / "trials.jsonl")
+    validation_path = property(lambda self: self.path / "validation.jsonl")
     best_path = property(lambda self: self.path / "best.json")
     checkpoint_dir = property(lambda self: self.path / "checkpoint")
     optimizer_dir = property(lambda self: self.path / "optimizer")
@@ -75,7 +77,7 @@ class RunStore:
         """Start a fresh run directory; refuses to replace an existing run unless ``overwrite``."""
         self.check_new(overwrite)
         if self.exists():
-            for child in ("trials.jsonl", "best.json", "config.yaml"):
+            for child in ("trials.jsonl", "validation.jsonl", "best.json", "config.yaml"):
                 (self.path / child).unlink(missing_ok=True)
             for child in (self.checkpoint_dir, self.optimizer_dir):
                 shutil.rmtree(child, ignore_errors=True)
@@ -101,19 +103,41 @@ class RunStore:
 
     # -- trials -------------------------------------------------------------------------------
     def append_trials(self, records: list[dict[str, Any]]) -> None:
+        self._append(self.trials_path, records)
+
+    def read_trials(self) -> list[dict[str, Any]]:
+        """Every complete line; a truncated or corrupt last line is ignored."""
+        return self._read(self.trials_path)
+
+    def truncate_trials(self, count: int) -> None:
+        """Keep the first ``count`` lines (what the checkpoint covers)."""
+        self._truncate(self.trials_path, count)
+
+    # -- validation -----------------------------------------------------------------------------
+    def append_validation(self, records: list[dict[str, Any]]) -> None:
+        self._append(self.validation_path, records)
+
+    def read_validation(self) -> list[dict[str, Any]]:
+        return self._read(self.validation_path)
+
+    def truncate_validation(self, count: int) -> None:
+        self._truncate(self.validation_path, count)
+
+    # -- JSON lines -----------------------------------------------------------------------------
+    def _append(self, path: Path, records: list[dict[str, Any]]) -> None:
         lines = "".join(json.dumps(record, allow_nan=False) + "\n" for record in records)
-        with open(self.trials_path, "a", encoding="utf-8") as handle:
+        with open(path, "a", encoding="utf-8") as handle:
             handle.write(lines)
             if self.fsync:
                 handle.flush()
                 os.fsync(handle.fileno())
 
-    def read_trials(self) -> list[dict[str, Any]]:
-        """Every complete line; a truncated or corrupt last line is ignored."""
-        if not self.trials_path.exists():
+    @staticmethod
+    def _read(path: Path) -> list[dict[str, Any]]:
+        if not path.exists():
             return []
         out = []
-        for line in self.trials_path.read_text(encoding="utf-8").splitlines(keepends=True):
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
             if not line.endswith("\n"):
                 break
             try:
@@ -122,15 +146,15 @@ class RunStore:
                 break
         return out
 
-    def truncate_trials(self, count: int) -> None:
-        """Keep the first ``count`` lines (what the checkpoint covers)."""
-        if not self.trials_path.exists():
+    @staticmethod
+    def _truncate(path: Path, count: int) -> None:
+        if not path.exists():
             if count:
-                raise RunDirError(f"{self.trials_path}: missing, but the checkpoint covers {count} trials")
+                raise RunDirError(f"{path}: missing, but the checkpoint covers {count} lines")
             return
         kept = 0
         offset = 0
-        with open(self.trials_path, "rb") as handle:
+        with open(path, "rb") as handle:
             for line in handle:
                 if kept == count:
                     break
@@ -139,8 +163,8 @@ class RunStore:
                 kept += 1
                 offset += len(line)
         if kept < count:
-            raise RunDirError(f"{self.trials_path}: has {kept} complete lines, the checkpoint covers {count}")
-        with open(self.trials_path, "r+b") as handle:
+            raise RunDirError(f"{path}: has {kept} complete lines, the checkpoint covers {count}")
+        with open(path, "r+b") as handle:
             handle.truncate(offset)
 
     # -- checkpoints ----------------------------------------------------------------------------
