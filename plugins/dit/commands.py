@@ -82,3 +82,117 @@ def bake_command(model_dir: str, calibration: str, output: str) -> None:
     calibrator.detach_hooks_keep_weights()
     model.save_pretrained(output)
     click.echo(f"baked {len(calibrator.sites)} sites into {output}")
+
+
+def _numbers(text: str | None, kind: type, option: str) -> list:
+    from calibri.core.errors import UserError
+
+    if not text:
+        return []
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{option}: expected comma-separated numbers, got {text!r}") from None
+    if kind is int and any(v < 1 for v in values):
+        raise UserError(f"{option}: step counts must be at least 1, got {text!r}")
+    return values
+
+
+@click.command("evaluate")
+@click.argument("target", type=click.Path())
+@click.option("--steps", "steps_text", default="2,4,8,16", show_default=True, help="NFEs to evaluate, comma-separated.")
+@click.option("--guidance", "guidance_text", default=None,
+              help="Also evaluate the uncalibrated model at these guidance scales (tuned-guidance baselines).")
+@click.option("--prompts", default=None, help="Held-out prompts (.txt or .jsonl; default: the run's validation set).")
+@click.option("--seed", type=int, default=None, help="Seed of the held-out images (default: the run's validation seed).")
+@click.option("--model", default=None, help="With a calibration file: the pipeline (folder, hub id, or 'toy').")
+@click.option("--reward", default=None, help="Reward name (default: the run's reward; toy_oracle for the toy model).")
+@click.option("--device", default=None, help="Torch device (default: cpu).")
+@click.option("-o", "--output", type=click.Path(), default=None, help="Folder for the table and plot.")
+def evaluate_command(target: str, steps_text: str, guidance_text: str | None, prompts: str | None, seed: int | None,
+                     model: str | None, reward: str | None, device: str | None, output: str | None) -> None:
+    """Baseline vs calibrated across NFE on held-out prompts and seeds.
+
+    TARGET is a calibration run directory or a calibration file. Writes evaluation.csv,
+    evaluation.md and reward_vs_nfe.png, and prints the table.
+    """
+    from pathlib import Path
+
+    from calibri.core.errors import UserError
+
+    from .evaluation import evaluate, markdown_table, matching_nfe, plot_nfe, write_csv
+
+    steps = _numbers(steps_text, int, "--steps")
+    guidance = _numbers(guidance_text, float, "--guidance")
+    if not steps:
+        raise UserError("--steps: give at least one step count")
+    path = Path(target)
+    objective, values, held = _evaluation_target(path, model, reward, device, prompts, seed)
+    out = Path(output) if output else (path / "evaluation" if path.is_dir() else path.with_suffix("").parent / f"{path.stem}-evaluation")
+    out.mkdir(parents=True, exist_ok=True)
+    texts, metadata, image_seed = held
+    variants = ["baseline", "calibrated", *[f"guidance={g:g}" for g in guidance]]
+    total = len(steps) * len(variants)
+    done = [0]
+
+    def progress(variant: str, n: int) -> None:
+        done[0] += 1
+        click.echo(f"  [{done[0]}/{total}] {variant} at {n} steps", err=True)
+
+    try:
+        rows = evaluate(objective, variants, steps, texts, metadata, image_seed, calibrated=values, progress=progress)
+    finally:
+        objective.close()
+    write_csv(rows, out / "evaluation.csv")
+    table = markdown_table(rows)
+    (out / "evaluation.md").write_text(table + "\n", encoding="utf-8")
+    plot_nfe(rows, out / "reward_vs_nfe.png", f"{path.name}: {len(texts)} prompts, seed {image_seed}")
+    click.echo(table)
+    for n in steps:
+        match = matching_nfe(rows, at_steps=n)
+        if match is not None:
+            click.echo(f"baseline matches calibrated@{n} at NFE {match}")
+    click.echo(f"written: {out}")
+
+
+def _evaluation_target(path, model, reward, device, prompts, seed):
+    """(objective, calibrated values, (prompts, metadata, seed)) for a run dir or a calibration file."""
+    from calibri.core.errors import UserError
+
+    from .objective import CalibriObjective, CalibriOptions, calibri_stream
+    from .prompts import load_prompts
+    from .report import held_out, load_run_objective, selected_values
+
+    if path.is_dir():
+        if not (path / "config.yaml").exists():
+            raise UserError(f"{path}: not a calibri run directory (no config.yaml)")
+        values, _ = selected_values(path)
+        objective, stream, _ = load_run_objective(path, device)
+        texts, metadata, image_seed = held_out(stream)
+    else:
+        from .calibration_file import load_calibration
+
+        document = load_calibration(path)
+        name = model or document.get("model", {}).get("name_or_path") or ""
+        if not name:
+            raise UserError(f"{path}: the file names no model; give --model")
+        from .models import SHIPPED_MODELS, resolve_model
+
+        is_toy = name in SHIPPED_MODELS or Path(name).resolve() == Path(resolve_model("toy")).resolve()
+        if reward is None and not is_toy:
+            raise UserError("--reward: give the reward to evaluate with (e.g. hpsv3)")
+        options = CalibriOptions(model=name, granularity=document["granularity"], copies=document["copies"],
+                                 form=document["form"], guidance_scale=document.get("guidance_scale"),
+                                 reward=reward or "toy_oracle", device=device)
+        if prompts is None and not is_toy:
+            raise UserError("--prompts: give the held-out prompts to evaluate on")
+        objective = CalibriObjective(options)
+        values = {k: float(v) for k, v in document["values"].items()}
+        stream = calibri_stream(0, **{"prompts": options.prompts, "validation_prompts": options.validation_prompts})
+        texts, metadata, image_seed = held_out(stream)
+    if prompts is not None:
+        chosen = load_prompts(prompts, "--prompts")
+        texts, metadata = list(chosen.prompts), list(chosen.metadata)
+    if seed is not None:
+        image_seed = seed
+    return objective, values, (texts, metadata, image_seed)

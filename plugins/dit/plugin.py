@@ -14,10 +14,18 @@ def calibri_register_architectures(register):
 
 @hookimpl
 def calibri_register_commands(register):
-    from .commands import bake_command, sites_command
+    from .commands import bake_command, evaluate_command, sites_command
 
     register(sites_command)
     register(bake_command)
+    register(evaluate_command)
+
+
+@hookimpl
+def calibri_register_callbacks(register):
+    from .report import CalibrationReport
+
+    register("calibration_report", CalibrationReport)
 
 
 def dit_space(model_config: str, granularity: str = "gate", copies: int = 1, form: str | None = None,
@@ -37,6 +45,13 @@ def dit_space(model_config: str, granularity: str = "gate", copies: int = 1, for
     except ValueError as exc:
         raise ConfigError("space.options", str(exc)) from None
     return calibrator.space(with_omega=with_omega, sigma=sigma, omega_sigma=omega_sigma)
+
+
+@hookimpl
+def calibri_register_objectives(register):
+    from .objective import calibri_objective, calibri_space, calibri_stream, check_calibri
+
+    register("calibri", calibri_objective, space=calibri_space, check=check_calibri, stream=calibri_stream)
 
 
 @hookimpl

@@ -1,0 +1,165 @@
+"""Baseline vs calibrated across NFE on held-out prompts and seeds: table, CSV and plot.
+
+Every variant is scored on the same prompts with the same per-image seeds, so differences are
+paired: the table gives each variant's mean reward with its standard error, and its mean
+difference from the baseline *at the same NFE* with the paired standard error. Variants:
+
+* ``baseline``   — the model as shipped (identity calibration);
+* ``calibrated`` — the calibration's values;
+* ``guidance=G`` — the model as shipped at guidance scale G (the tuned-guidance baseline: a
+  calibration must beat this too, or it only found a better guidance scale).
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibri.core.space import Params
+
+
+@dataclass
+class Row:
+    variant: str
+    steps: int
+    mean: float
+    sem: float
+    n: int
+    diff: float | None = None
+    diff_sem: float | None = None
+    terms: dict[str, float] | None = None
+
+    @property
+    def z(self) -> float | None:
+        if self.diff is None or not self.diff_sem:
+            return None
+        return self.diff / self.diff_sem
+
+
+def variant_values(objective: Any, variant: str, calibrated: Params | None) -> tuple[Params | None, float | None]:
+    """``(values, guidance)`` of a variant: calibration values (None: identity) and the pipeline
+    guidance scale to use (None: the objective's)."""
+    if variant == "baseline":
+        return None, None
+    if variant == "calibrated":
+        if calibrated is None:
+            raise ValueError("no calibrated values to evaluate")
+        return calibrated, None
+    if variant.startswith("guidance="):
+        g = float(variant.split("=", 1)[1])
+        calibrator = objective.calibrator
+        if calibrator.form == "cfg":  # identity scales with ω = (g, 1 − g): CFG at g, exactly
+            names = calibrator.parameter_names()
+            values = dict.fromkeys(names[: -calibrator.copies], 1.0)
+            values.update({names[-2]: g, names[-1]: 1.0 - g})
+            return values, None
+        return None, g
+    raise ValueError(f"unknown variant {variant!r} (baseline, calibrated, guidance=G)")
+
+
+def evaluate(objective: Any, variants: Sequence[str], steps: Sequence[int], prompts: Sequence[str],
+             metadata: Sequence[Mapping[str, Any]], seed: int, calibrated: Params | None = None,
+             progress: Any = None) -> list[Row]:
+    """Score each variant at each NFE on the same prompts and seeds; paired differences vs baseline."""
+    from .objective import score_images
+
+    per_image: dict[tuple[str, int], np.ndarray] = {}
+    rows = []
+    for n_steps in steps:
+        for variant in variants:
+            values, guidance = variant_values(objective, variant, calibrated)
+            generator = objective.generator
+            saved = generator.guidance_scale
+            if guidance is not None:
+                generator.guidance_scale = guidance
+            try:
+                images = objective.images(values, prompts, seed, n_steps)
+            finally:
+                generator.guidance_scale = saved
+            scores, details = score_images(objective.reward, images, prompts, metadata)
+            per_image[(variant, n_steps)] = scores
+            n = len(scores)
+            rows.append(Row(variant, int(n_steps), float(scores.mean()), _sem(scores), n,
+                            terms={k: float(np.mean(v)) for k, v in details.items()}))
+            if progress is not None:
+                progress(variant, n_steps)
+    for row in rows:
+        base = per_image.get(("baseline", row.steps))
+        if base is not None and row.variant != "baseline":
+            delta = per_image[(row.variant, row.steps)] - base
+            row.diff, row.diff_sem = float(delta.mean()), _sem(delta)
+    return rows
+
+
+def _sem(values: np.ndarray) -> float:
+    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def matching_nfe(rows: Sequence[Row], variant: str = "calibrated", at_steps: int | None = None) -> int | None:
+    """The smallest NFE at which the baseline reaches ``variant``'s mean at ``at_steps`` (its
+    smallest NFE by default); None if no evaluated NFE does."""
+    ours = sorted((r for r in rows if r.variant == variant), key=lambda r: r.steps)
+    if not ours:
+        return None
+    target = next((r for r in ours if r.steps == at_steps), ours[0]) if at_steps is not None else ours[0]
+    for row in sorted((r for r in rows if r.variant == "baseline"), key=lambda r: r.steps):
+        if row.mean >= target.mean:
+            return row.steps
+    return None
+
+
+def write_csv(rows: Sequence[Row], path: Path) -> Path:
+    terms = sorted({k for r in rows for k in (r.terms or {})})
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["variant", "steps", "mean", "sem", "n", "diff_vs_baseline", "diff_sem", "z", *terms])
+        for r in rows:
+            writer.writerow([r.variant, r.steps, f"{r.mean:.6f}", f"{r.sem:.6f}", r.n,
+                             "" if r.diff is None else f"{r.diff:.6f}", "" if r.diff_sem is None else f"{r.diff_sem:.6f}",
+                             "" if r.z is None else f"{r.z:.2f}", *[f"{(r.terms or {}).get(t, float('nan')):.4f}" for t in terms]])
+    return path
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    lines = ["| variant | NFE | mean reward ± s.e. | vs baseline at same NFE (paired) | z |",
+             "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.variant != "baseline", r.variant, r.steps)):
+        diff = "" if r.diff is None else f"{r.diff:+.4f} ± {r.diff_sem:.4f}"
+        z = "" if r.z is None else f"{r.z:.1f}"
+        lines.append(f"| {r.variant} | {r.steps} | {r.mean:.4f} ± {r.sem:.4f} | {diff} | {z} |")
+    return "\n".join(lines)
+
+
+def plot_nfe(rows: Sequence[Row], path: Path, title: str = "reward vs NFE") -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
+    for variant in dict.fromkeys(r.variant for r in rows):
+        own = sorted((r for r in rows if r.variant == variant), key=lambda r: r.steps)
+        xs = [r.steps for r in own]
+        ys = np.array([r.mean for r in own])
+        es = np.array([r.sem for r in own])
+        ax.plot(xs, ys, marker="o", label=variant)
+        ax.fill_between(xs, ys - es, ys + es, alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r.steps for r in rows}))
+    ax.set_xticklabels([str(s) for s in sorted({r.steps for r in rows})])
+    ax.set_xlabel("sampling steps (NFE per guidance branch)")
+    ax.set_ylabel("mean reward (held-out prompts, fixed seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,149 @@
+"""Prompts + seeds + steps → images over a diffusers pipeline, with prompt encodings reused.
+
+Every prompt is encoded once, alone (so its encoding never depends on which prompts shared a
+batch), and kept; each candidate, round and validation then calls the pipeline with
+``prompt_embeds``. A calibration run evaluates ~10² candidates on the same few hundred prompts,
+so the text encoders run a few hundred times instead of tens of thousands, and can be moved off
+the accelerator once every prompt is encoded (``text_encoders_to_cpu``).
+
+The pipeline families differ only in what ``encode_prompt`` returns and in the name of the
+guidance argument; :data:`FAMILIES` holds that, by pipeline class.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .prompts import image_seed
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to encode prompts and pass guidance for one kind of pipeline."""
+
+    encode: Callable[[Any, str, torch.device, bool, str | None], dict[str, torch.Tensor]]
+    guidance_argument: str
+    #: Names of tensors that are per-token masks (padded with zeros when prompts differ in length).
+    masks: tuple[str, ...] = ()
+
+
+def _encode_sd3(pipe: Any, prompt: str, device: torch.device, cfg: bool, negative: str | None) -> dict[str, torch.Tensor]:
+    kwargs: dict[str, Any] = {"prompt": prompt, "device": device, "do_classifier_free_guidance": cfg,
+                              "negative_prompt": negative}
+    if "prompt_2" in _parameters(pipe.encode_prompt):
+        kwargs.update(prompt_2=None, prompt_3=None)
+    embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(**kwargs)
+    out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    if cfg:
+        out.update(negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled)
+    return out
+
+
+def _encode_flux(pipe: Any, prompt: str, device: torch.device, cfg: bool, negative: str | None) -> dict[str, torch.Tensor]:
+    embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
+def _encode_qwen(pipe: Any, prompt: str, device: torch.device, cfg: bool, negative: str | None) -> dict[str, torch.Tensor]:
+    embeds, mask = pipe.encode_prompt(prompt=prompt, device=device)
+    out = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+    if cfg:
+        neg, neg_mask = pipe.encode_prompt(prompt=negative if negative is not None else " ", device=device)
+        out.update(negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask)
+    return out
+
+
+FAMILIES: dict[str, Family] = {
+    "StableDiffusion3Pipeline": Family(_encode_sd3, "guidance_scale"),
+    "ToyFlowPipeline": Family(_encode_sd3, "guidance_scale"),
+    "FluxPipeline": Family(_encode_flux, "guidance_scale"),
+    "QwenImagePipeline": Family(_encode_qwen, "true_cfg_scale", masks=("prompt_embeds_mask", "negative_prompt_embeds_mask")),
+}
+
+
+def _parameters(fn: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(fn).parameters)
+
+
+def family_of(pipe: Any) -> Family:
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    raise ValueError(f"no prompt-encoding recipe for {type(pipe).__name__} (known: {', '.join(FAMILIES)})")
+
+
+class ImageGenerator:
+    """Generates images for (prompt, seed) pairs with cached prompt encodings.
+
+    ``guidance_scale`` > 1 enables classifier-free guidance where the family has it (FLUX.1-dev's
+    guidance is an embedding, not CFG: there it is only passed on).
+    """
+
+    def __init__(self, pipe: Any, steps: int, guidance_scale: float | None = None, height: int | None = None,
+                 width: int | None = None, batch_size: int = 16, negative_prompt: str | None = None,
+                 pipeline_options: Mapping[str, Any] | None = None) -> None:
+        self.pipe = pipe
+        self.family = family_of(pipe)
+        self.steps, self.guidance_scale = steps, guidance_scale
+        self.height, self.width, self.batch_size = height, width, batch_size
+        self.negative_prompt = negative_prompt
+        self.pipeline_options = dict(pipeline_options or {})
+        self.cfg = guidance_scale is not None and guidance_scale > 1.0 and self.family.encode is not _encode_flux
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.device = pipe._execution_device
+
+    # -- prompts ----------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> None:
+        """Encode (once) every prompt not seen yet."""
+        with torch.no_grad():
+            for prompt in prompts:
+                if prompt not in self._cache:
+                    self._cache[prompt] = self.family.encode(self.pipe, prompt, self.device, self.cfg,
+                                                             self.negative_prompt)
+
+    @property
+    def encoded(self) -> int:
+        return len(self._cache)
+
+    def text_encoders_to_cpu(self) -> None:
+        """Free the accelerator of text encoders (call after every prompt is encoded)."""
+        for name, component in self.pipe.components.items():
+            if name.startswith("text_encoder") and isinstance(component, torch.nn.Module):
+                component.to("cpu")
+
+    def _batched(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        encodings = [self._cache[p] for p in prompts]
+        out = {}
+        for key in encodings[0]:
+            tensors = [e[key] for e in encodings]
+            if tensors[0].dim() >= 2 and len({t.shape[1] for t in tensors}) > 1:  # sequences of different length
+                longest = max(t.shape[1] for t in tensors)
+                tensors = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1])) for t in tensors]
+            out[key] = torch.cat(tensors)
+        return out
+
+    # -- images -----------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], seed: int, steps: int | None = None) -> torch.Tensor:
+        """Images N×3×H×W in [0, 1] (float32, CPU); image j uses ``image_seed(seed, j)``."""
+        self.encode(prompts)
+        images = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = list(prompts[start : start + self.batch_size])
+            generators = [torch.Generator(device="cpu").manual_seed(image_seed(seed, start + j)) for j in range(len(chunk))]
+            kwargs: dict[str, Any] = {**self._batched(chunk), "num_inference_steps": steps or self.steps,
+                                      "generator": generators, "output_type": "pt", **self.pipeline_options}
+            if self.guidance_scale is not None:
+                kwargs[self.family.guidance_argument] = self.guidance_scale
+            if self.height is not None:
+                kwargs["height"] = self.height
+            if self.width is not None:
+                kwargs["width"] = self.width
+            with torch.no_grad():
+                out = self.pipe(**kwargs).images
+            images.append(torch.as_tensor(out).float().cpu())
+        return torch.cat(images).clamp(0, 1)

@@ -1,0 +1,151 @@
+"""Prompt sets and the prompt stream of a calibration run.
+
+Sources: a ``.txt`` file (one prompt per line; blank lines and ``#`` comments skipped), a
+``.jsonl`` file (one object per line with a ``prompt`` field; every other field is metadata handed
+to the rewards), a list given inline in the YAML, or a shipped set by name (``toy/calibration``,
+``toy/validation``: the toy world's split).
+
+Seed policy (one rule for training rounds, validation and evaluation): image ``j`` of a batch
+whose context seed is ``s`` is sampled from ``torch.Generator().manual_seed(image_seed(s, j))``.
+In a training round every candidate sees the same prompts with the same seeds (common random
+numbers); validation uses a fixed seed, so its images do not depend on the round, the batch
+size or the worker.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibri.core.errors import ConfigError
+
+#: Prompt sets shipped with calibri, by name → file inside the installed package.
+SHIPPED: dict[str, tuple[str, str]] = {
+    "toy/calibration": ("calibri.plugins.toy", "data/calibration.jsonl"),
+    "toy/validation": ("calibri.plugins.toy", "data/validation.jsonl"),
+}
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    prompts: tuple[str, ...]
+    metadata: tuple[Mapping[str, Any], ...]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def subset(self, indices: Sequence[int]) -> tuple[list[str], list[Mapping[str, Any]]]:
+        return [self.prompts[i] for i in indices], [self.metadata[i] for i in indices]
+
+
+def shipped_path(name: str) -> Path:
+    from importlib.resources import files
+
+    package, relative = SHIPPED[name]
+    return Path(str(files(package).joinpath(relative)))
+
+
+def load_prompts(spec: str | Path | Sequence[str], field: str) -> PromptSet:
+    """A prompt set from a file, a shipped name or an inline list; errors name ``field``."""
+    if isinstance(spec, (list, tuple)):
+        prompts = [p for p in spec]
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ConfigError(field, "an inline prompt list must hold non-empty strings")
+        return PromptSet(tuple(prompts), tuple({} for _ in prompts), "inline")
+    text = str(spec)
+    path = shipped_path(text) if text in SHIPPED else Path(text).expanduser()
+    if not path.is_file():
+        known = ", ".join(SHIPPED)
+        raise ConfigError(field, f"{text}: no such prompt file (or shipped set: {known})")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(field, f"{path}: cannot read: {exc}") from None
+    if path.suffix == ".jsonl":
+        prompts, metadata = _jsonl(path, content, field)
+    else:
+        prompts = [line.strip() for line in content.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        metadata = [{} for _ in prompts]
+    if not prompts:
+        raise ConfigError(field, f"{path}: holds no prompts")
+    return PromptSet(tuple(prompts), tuple(metadata), str(path))
+
+
+def _jsonl(path: Path, content: str, field: str) -> tuple[list[str], list[dict[str, Any]]]:
+    prompts, metadata = [], []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(field, f"{path}:{number}: not valid JSON: {exc.msg}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+            raise ConfigError(field, f"{path}:{number}: expected an object with a non-empty string 'prompt'")
+        prompts.append(record["prompt"])
+        metadata.append({k: v for k, v in record.items() if k != "prompt"})
+    return prompts, metadata
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The noise seed of image ``index`` under context seed ``seed`` (see the module docstring)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint32)[0])
+
+
+class PromptStream:
+    """Each round's bucket of training prompts, and the fixed validation set.
+
+    Stateless: the bucket of round ``r`` is a pure function of (seed, r) — consecutive slices of
+    a sequence of per-epoch permutations — so a resumed run, whose checkpoint holds the round
+    counter, continues the stream exactly and no prompt repeats before every one was used.
+    """
+
+    def __init__(self, train: PromptSet, bucket_size: int, seed: int, validation: PromptSet | None = None,
+                 validation_seed: int = 0) -> None:
+        self.train, self.bucket_size, self.seed = train, bucket_size, seed
+        self.validation, self.validation_seed = validation, validation_seed
+
+    def indices(self, round_index: int) -> list[int]:
+        n = len(self.train)
+        start = round_index * self.bucket_size
+        out = []
+        for position in range(start, start + self.bucket_size):
+            epoch, offset = divmod(position, n)
+            out.append(int(self._permutation(epoch)[offset]))
+        return out
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        cache = getattr(self, "_cache", None)
+        if cache is None or cache[0] != epoch:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, 7919, epoch]))
+            cache = (epoch, rng.permutation(len(self.train)))
+            self._cache = cache
+        return cache[1]
+
+    def next_round(self, round_index: int) -> dict[str, Any]:
+        indices = self.indices(round_index)
+        prompts, metadata = self.train.subset(indices)
+        return {"split": "train", "prompts": prompts, "metadata": metadata, "indices": indices}
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation is not None
+
+    def validation_data(self) -> tuple[int, dict[str, Any]]:
+        if self.validation is None:
+            raise RuntimeError("no validation prompts")
+        indices = list(range(len(self.validation)))
+        prompts, metadata = self.validation.subset(indices)
+        return self.validation_seed, {"split": "validation", "prompts": prompts, "metadata": metadata,
+                                      "indices": indices}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stateless": True}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore: buckets are a function of the round index."""
