@@ -31,6 +31,10 @@ class Adapter:
     #: True when the stock pipeline rescales the guided velocity to the norm of the conditional
     #: call's output (Qwen-Image): there only the direction of ω0·v_c + ω1·v_u can be set.
     cfg_renormalized: ClassVar[bool] = False
+    #: What the pipeline passes as the transformer's ``timestep`` at pure noise: 1000 where it
+    #: passes the scheduler's timesteps (SD3, PixArt), 1 where it divides them by 1000 (FLUX,
+    #: Qwen-Image). Timestep-dependent calibrations read the noise level from it.
+    timestep_max: ClassVar[float] = 1000.0
 
     @classmethod
     def matches(cls, model: Any) -> bool:
@@ -53,6 +57,7 @@ class FluxAdapter(Adapter):
     name = "flux"
     model_classes = ("FluxTransformer2DModel",)
     default_form = "distilled"
+    timestep_max = 1.0
 
     def gates(self, model: Any) -> list[Gate]:
         out: list[Gate] = []
@@ -104,6 +109,7 @@ class QwenImageAdapter(Adapter):
     name = "qwenimage"
     model_classes = ("QwenImageTransformer2DModel",)
     cfg_renormalized = True
+    timestep_max = 1.0
 
     def gates(self, model: Any) -> list[Gate]:
         out: list[Gate] = []

@@ -48,17 +48,19 @@ def find_adapter(model: Any) -> Adapter:
 class ScaleState:
     """What the hooks read: the table, which row (copy) applies, and whether scaling is on."""
 
-    table: torch.Tensor  # [copies, n_sites + 1] fp32; the last column is the constant 1
+    table: torch.Tensor  # [time buckets × copies, n_sites + 1] fp32; the last column is the constant 1
     row: int = 0
+    offset: int = 0  # first row of the current time bucket
     rows: torch.Tensor | None = None  # per-sample copy index for this forward (batched CFG)
     active: bool = True
 
     def factors(self, columns: torch.Tensor, batch: int) -> torch.Tensor:
         if self.rows is None:
-            return self.table[self.row : self.row + 1, columns]
+            row = self.offset + self.row
+            return self.table[row : row + 1, columns]
         if self.rows.shape[0] != batch:
             raise RuntimeError(f"Calibri ensemble: a gate has batch {batch}, the call's copy index {self.rows.shape[0]}")
-        return self.table[self.rows][:, columns]
+        return self.table[self.rows + self.offset][:, columns]
 
 
 def _scale_slices(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -142,7 +144,15 @@ def _ensemble_hook_class() -> type:
             state = cal.state
             if not state.active:  # baked: ω is in the weights too
                 return forward(*args, **kwargs)
-            omega = cal.omega
+            bucket = cal.time_bucket(kwargs.get("timestep"))
+            state.offset = bucket * cal.copies
+            try:
+                return self._forward(cal, forward, state, cal.omega_of(bucket), args, kwargs)
+            finally:
+                state.offset = 0
+
+        def _forward(self, cal: "Calibrator", forward: Any, state: ScaleState, omega: Sequence[float],
+                     args: Any, kwargs: Any) -> Any:
             if cal.form == "cfg":
                 return self._cfg(forward, state, omega, args, kwargs)
             outputs, total = None, None
@@ -218,7 +228,7 @@ class Calibrator:
 
     def __init__(self, transformer: torch.nn.Module, granularity: Granularity = "gate", copies: int = 1,
                  form: Form | None = None, guidance_scale: float | None = None,
-                 adapter: Adapter | None = None) -> None:
+                 adapter: Adapter | None = None, time_buckets: int = 1) -> None:
         self.transformer = transformer
         self.adapter = adapter or find_adapter(transformer)
         self.granularity: Granularity = granularity
@@ -232,7 +242,10 @@ class Calibrator:
                 raise ValueError("the cfg form has exactly two copies (conditional, unconditional)")
             if guidance_scale is None or guidance_scale == 1.0:
                 raise ValueError("the cfg form needs the pipeline's guidance_scale (not 1)")
+        if time_buckets < 1:
+            raise ValueError(f"time_buckets must be at least 1, got {time_buckets}")
         self.copies = copies
+        self.time_buckets = time_buckets
         self.guidance_scale = guidance_scale
         self.gates: list[Gate] = self.adapter.gates(transformer)
         self.sites: list[Site] = group_sites(self.gates, granularity)
@@ -249,17 +262,44 @@ class Calibrator:
         return [site.name for site in self.sites]
 
     def initial_omega(self) -> tuple[float, ...]:
+        """ω of every (time bucket, copy), bucket-major."""
         if self.form == "cfg":
             g = float(self.guidance_scale)  # type: ignore[arg-type]
-            return (g, 1.0 - g)
-        return (1.0,) + (0.0,) * (self.copies - 1)
+            per_bucket: tuple[float, ...] = (g, 1.0 - g)
+        else:
+            per_bucket = (1.0,) + (0.0,) * (self.copies - 1)
+        return per_bucket * self.time_buckets
+
+    def _prefixes(self) -> list[str]:
+        """One prefix per table row (time bucket ``t<b>.``, then copy ``c<m>.``), bucket-major."""
+        times = [""] if self.time_buckets == 1 else [f"t{b}." for b in range(self.time_buckets)]
+        copies = [""] if self.copies == 1 else [f"c{m}." for m in range(self.copies)]
+        return [t + c for t in times for c in copies]
 
     def parameter_names(self, with_omega: bool = True) -> list[str]:
-        """Searched names: sites (prefixed ``c<m>.`` per copy in an ensemble), then ω."""
-        names = self.site_names if self.copies == 1 else [f"c{m}.{n}" for m in range(self.copies) for n in self.site_names]
+        """Searched names: sites (prefixed ``c<m>.`` per copy in an ensemble and ``t<b>.`` per
+        time bucket), then ω (``omega``, ``omega.<m>``, ``t<b>.omega…``)."""
+        names = [prefix + n for prefix in self._prefixes() for n in self.site_names]
         if with_omega:
-            names += ["omega"] if self.copies == 1 else [f"omega.{m}" for m in range(self.copies)]
+            times = [""] if self.time_buckets == 1 else [f"t{b}." for b in range(self.time_buckets)]
+            copies = ["omega"] if self.copies == 1 else [f"omega.{m}" for m in range(self.copies)]
+            names += [t + c for t in times for c in copies]
         return names
+
+    @property
+    def rows(self) -> int:
+        return self.copies * self.time_buckets
+
+    def time_bucket(self, timestep: Any) -> int:
+        """The time bucket of a call: equal intervals of the noise level, from pure noise (0) down."""
+        if self.time_buckets == 1 or timestep is None:
+            return 0
+        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        noise = min(max(t / self.adapter.timestep_max, 0.0), 1.0)
+        return min(int((1.0 - noise) * self.time_buckets), self.time_buckets - 1)
+
+    def omega_of(self, bucket: int) -> list[float]:
+        return self.omega[bucket * self.copies : (bucket + 1) * self.copies]
 
     def count(self, with_omega: bool = True) -> int:
         return len(self.parameter_names(with_omega))
@@ -268,12 +308,11 @@ class Calibrator:
         """The search space: scales on [-1, 2] from 1; ω on [-10, 10] from its initial value,
         with σ scaled to ω's magnitude (a CFG weight of 7 moves in larger steps than a scale)."""
         dims = []
-        for m in range(self.copies):
-            prefix = "" if self.copies == 1 else f"c{m}."
+        for prefix in self._prefixes():
             for site in self.sites:
                 dims.append(Float(prefix + site.name, *SCALE_BOUNDS, init=1.0, sigma=sigma, group=site.group))
         if with_omega:
-            for name, init in zip(self.parameter_names()[-self.copies:], self.omega_init_values()):
+            for name, init in zip(self.parameter_names()[-self.rows:], self.omega_init_values()):
                 step = omega_sigma if omega_sigma is not None else sigma * max(1.0, abs(init))
                 dims.append(Float(name, *OMEGA_BOUNDS, init=init, sigma=step, group="omega"))
         return Space(dims)
@@ -293,7 +332,7 @@ class Calibrator:
             raise RuntimeError(f"this {type(self.transformer).__name__} already carries a Calibri calibration; "
                                "detach() it before attaching another")
         device = next((p.device for p in self.transformer.parameters()), torch.device("cpu"))
-        table = torch.ones(self.copies, len(self.sites) + 1, dtype=torch.float32, device=device)
+        table = torch.ones(self.rows, len(self.sites) + 1, dtype=torch.float32, device=device)
         self.state = ScaleState(table)
         self.omega = list(self.initial_omega())
         constant = len(self.sites)
@@ -335,7 +374,7 @@ class Calibrator:
             raise RuntimeError("the calibration is baked into the weights; unbake() before changing values")
         assert self.state is not None, "attach() first"
         names = self.parameter_names()
-        n_scales = len(names) - self.copies
+        n_scales = len(names) - self.rows
         if isinstance(values, Mapping):
             unknown = set(values) - set(names)
             if unknown:
@@ -348,7 +387,7 @@ class Calibrator:
                 vector += self.omega
             if len(vector) != len(names):
                 raise ValueError(f"expected {n_scales} or {len(names)} values, got {len(vector)}")
-        scales = torch.tensor(vector[:n_scales], dtype=torch.float32).reshape(self.copies, len(self.sites))
+        scales = torch.tensor(vector[:n_scales], dtype=torch.float32).reshape(self.rows, len(self.sites))
         self.state.table[:, : len(self.sites)].copy_(scales)
         self.omega = vector[n_scales:]
 
@@ -360,15 +399,16 @@ class Calibrator:
     def reset(self) -> None:
         """Back to identity (all scales 1, ω at its initial value)."""
         names = self.parameter_names()
-        self.set_values([1.0] * (len(names) - self.copies) + list(self.initial_omega()))
+        self.set_values([1.0] * (len(names) - self.rows) + list(self.initial_omega()))
 
     # -- baking -----------------------------------------------------------------------------
     def bake(self) -> None:
         """Fold the current scales (and ω) into the weights: gate rows of the modulation Linears
         (or the branch's output projection) and the final projection. Inference then costs
         nothing extra; :meth:`unbake` restores the original weights exactly."""
-        if self.copies != 1:
-            raise RuntimeError("an ensemble runs several copies of the weights and cannot be baked into one")
+        if self.copies != 1 or self.time_buckets != 1:
+            raise RuntimeError("an ensemble (several copies) or a timestep-dependent calibration cannot be baked "
+                               "into one set of weights")
         if self._baked is not None:
             return
         assert self.state is not None, "attach() first"
@@ -425,7 +465,7 @@ class Calibrator:
 
 
 def attach(transformer: torch.nn.Module, granularity: Granularity = "gate", copies: int = 1, form: Form | None = None,
-           guidance_scale: float | None = None) -> Calibrator:
+           guidance_scale: float | None = None, time_buckets: int = 1) -> Calibrator:
     """Attach Calibri scales to ``transformer`` (identity until values are set)."""
-    return Calibrator(transformer, granularity, copies, form, guidance_scale).attach()
+    return Calibrator(transformer, granularity, copies, form, guidance_scale, time_buckets=time_buckets).attach()
 

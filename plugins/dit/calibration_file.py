@@ -53,6 +53,7 @@ def calibration_document(calibrator: Calibrator) -> dict[str, Any]:
         "model": {"name_or_path": str(dict(model.config).get("_name_or_path", "")),
                   "config_sha256": config_sha256(model)},
         "granularity": calibrator.granularity, "copies": calibrator.copies, "form": calibrator.form,
+        "time_buckets": calibrator.time_buckets,
         "guidance_scale": calibrator.guidance_scale,
         "sites": calibrator.site_names,
         "values": calibrator.values(),
@@ -99,9 +100,10 @@ def _check_fields(path: Path, document: dict[str, Any]) -> None:
         fail(f"granularity {document['granularity']!r} is not one of {', '.join(GRANULARITIES)}")
     if document["form"] not in ("single", "distilled", "cfg"):
         fail(f"form {document['form']!r} is not one of single, distilled, cfg")
-    copies = document["copies"]
-    if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
-        fail(f"copies must be a positive integer, got {copies!r}")
+    for key in ("copies", "time_buckets"):
+        count = document.get(key, 1)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            fail(f"{key} must be a positive integer, got {count!r}")
     guidance = document.get("guidance_scale")
     if guidance is not None and not _number(guidance):
         fail(f"guidance_scale must be a number or null, got {guidance!r}")
@@ -124,7 +126,7 @@ def apply_calibration(pipe_or_transformer: Any, path: str | Path) -> Calibrator:
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     try:
         calibrator = Calibrator(transformer, document["granularity"], document["copies"], document["form"],
-                                document.get("guidance_scale"))
+                                document.get("guidance_scale"), time_buckets=document.get("time_buckets", 1))
     except ValueError as exc:
         raise CalibrationMismatch(f"{path}: {exc}") from None
     if calibrator.adapter.name != document["architecture"]:

@@ -183,6 +183,7 @@ def _evaluation_target(path, model, reward, device, prompts, seed):
             raise UserError("--reward: give the reward to evaluate with (e.g. hpsv3)")
         options = CalibriOptions(model=name, granularity=document["granularity"], copies=document["copies"],
                                  form=document["form"], guidance_scale=document.get("guidance_scale"),
+                                 time_buckets=document.get("time_buckets", 1),
                                  reward=reward or "toy_oracle", device=device)
         if prompts is None and not is_toy:
             raise UserError("--prompts: give the held-out prompts to evaluate on")

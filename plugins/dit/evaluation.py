@@ -53,10 +53,11 @@ def variant_values(objective: Any, variant: str, calibrated: Params | None) -> t
     if variant.startswith("guidance="):
         g = float(variant.split("=", 1)[1])
         calibrator = objective.calibrator
-        if calibrator.form == "cfg":  # identity scales with ω = (g, 1 − g): CFG at g, exactly
+        if calibrator.form == "cfg":  # identity scales with ω = (g, 1 − g) in every time bucket: CFG at g
             names = calibrator.parameter_names()
-            values = dict.fromkeys(names[: -calibrator.copies], 1.0)
-            values.update({names[-2]: g, names[-1]: 1.0 - g})
+            values = dict.fromkeys(names[: -calibrator.rows], 1.0)
+            omega_names = names[-calibrator.rows:]
+            values.update({name: (g if i % 2 == 0 else 1.0 - g) for i, name in enumerate(omega_names)})
             return values, None
         return None, g
     raise ValueError(f"unknown variant {variant!r} (baseline, calibrated, guidance=G)")

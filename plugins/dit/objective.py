@@ -33,6 +33,7 @@ class CalibriOptions:
     copies: int = 1
     form: Literal["single", "distilled", "cfg"] | None = None
     guidance_scale: float | None = None
+    time_buckets: int = 1
     with_omega: bool = True
     sigma: float = 0.25
     omega_sigma: float | None = None
@@ -52,7 +53,7 @@ class CalibriOptions:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("copies", "bucket_size", "steps", "batch_size"):
+        for name in ("copies", "time_buckets", "bucket_size", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"objective.options.{name}", f"must be at least 1, got {getattr(self, name)}")
         if self.form == "cfg" and (self.guidance_scale is None or self.guidance_scale == 1.0):
@@ -61,14 +62,18 @@ class CalibriOptions:
 
 def calibri_objective(model: str = "toy", model_config: str | None = None, granularity: Granularity = "layer",
                       copies: int = 1, form: Literal["single", "distilled", "cfg"] | None = None,
-                      guidance_scale: float | None = None, with_omega: bool = True, sigma: float = 0.25,
+                      guidance_scale: float | None = None, time_buckets: int = 1, with_omega: bool = True,
+                      sigma: float = 0.25,
                       omega_sigma: float | None = None, reward: Any = "toy_oracle", prompts: Any = "toy/calibration",
                       validation_prompts: Any = "toy/validation", bucket_size: int = 16, validation_seed: int = 0,
                       steps: int = 15, height: int | None = None, width: int | None = None, batch_size: int = 16,
                       negative_prompt: str | None = None, pipeline_options: dict[str, Any] | None = None,
                       dtype: DType = "auto", text_encoders_to_cpu: bool = False,
                       device: str | None = None) -> "CalibriObjective":
-    """Calibrate ``model`` (a pipeline folder, a hub id, or ``toy``) against ``reward``."""
+    """Calibrate ``model`` (a pipeline folder, a hub id, or ``toy``) against ``reward``.
+
+    ``time_buckets`` > 1 gives every scale and ω one value per interval of the noise level
+    (timestep-dependent calibration; not bakeable into weights)."""
     options = dict(locals())
     options["pipeline_options"] = pipeline_options or {}
     return CalibriObjective(CalibriOptions(**options))
@@ -86,7 +91,8 @@ def calibrator_for(transformer: Any, opts: CalibriOptions) -> Any:
     from .calibration import Calibrator
 
     try:
-        return Calibrator(transformer, opts.granularity, opts.copies, opts.form, opts.guidance_scale)
+        return Calibrator(transformer, opts.granularity, opts.copies, opts.form, opts.guidance_scale,
+                          time_buckets=opts.time_buckets)
     except ValueError as exc:
         raise ConfigError("objective.options", str(exc)) from None
 
