@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(VENV)/bin/calibri run examples/rosenbrock.yaml -o runs/demo --overwrite
+	$(VENV)/bin/calibri run examples/toy.yaml -o runs/demo --overwrite
 
 test: venv
 	$(PY) -m pytest -q

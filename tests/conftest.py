@@ -5,6 +5,7 @@ with this folder importable (``helpers_objectives`` and other test modules used 
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,28 @@ def cli_inproc(tmp_path, monkeypatch, capfd):
         return CliResult(code, out, err)
 
     return run
+
+
+TOY_PROMPTS = ["a small red circle on the left", "a large blue square at the top", "a small green cross in the center",
+               "a large white triangle at the bottom", "a small cyan circle on the right"]
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory) -> Path:
+    """An untrained two-block toy pipeline saved the diffusers way."""
+    from calibri.plugins.toy.pipeline import build_pipeline
+
+    folder = tmp_path_factory.mktemp("toy-model")
+    build_pipeline(seed=0, layers=2).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prompt_files(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("prompts")
+    train, val = folder / "train.txt", folder / "val.jsonl"
+    train.write_text("# calibration prompts\n" + "\n".join(TOY_PROMPTS) + "\n\n", encoding="utf-8")
+    val.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(TOY_PROMPTS[:3])), encoding="utf-8")
+    return train, val
+
+

@@ -20,25 +20,6 @@ PROMPTS = ["a small red circle on the left", "a large blue square at the top", "
            "a large white triangle at the bottom", "a small cyan circle on the right"]
 
 
-@pytest.fixture(scope="module")
-def toy_dir(tmp_path_factory) -> Path:
-    """An untrained two-block toy pipeline saved the diffusers way."""
-    from calibri.plugins.toy.pipeline import build_pipeline
-
-    folder = tmp_path_factory.mktemp("toy-model")
-    build_pipeline(seed=0, layers=2).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def prompt_files(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("prompts")
-    train, val = folder / "train.txt", folder / "val.jsonl"
-    train.write_text("# calibration prompts\n" + "\n".join(PROMPTS) + "\n\n", encoding="utf-8")
-    val.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(PROMPTS[:3])), encoding="utf-8")
-    return train, val
-
-
 def run_config(toy_dir: Path, prompt_files, **changes) -> dict:
     train, val = prompt_files
     options = {"model": str(toy_dir), "granularity": "layer", "steps": 2, "guidance_scale": 3.0, "bucket_size": 2,

@@ -103,8 +103,12 @@ class ImageGenerator:
         with torch.no_grad():
             for prompt in prompts:
                 if prompt not in self._cache:
-                    self._cache[prompt] = self.family.encode(self.pipe, prompt, self.device, self.cfg,
-                                                             self.negative_prompt)
+                    encoded = self.family.encode(self.pipe, prompt, self.device, self.cfg, self.negative_prompt)
+                    for mask in self.family.masks:  # None means "no padding": make it explicit for batching
+                        embeds = encoded.get(mask.replace("_mask", ""))
+                        if mask in encoded and encoded[mask] is None and embeds is not None:
+                            encoded[mask] = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+                    self._cache[prompt] = encoded
 
     @property
     def encoded(self) -> int:

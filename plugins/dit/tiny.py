@@ -357,13 +357,14 @@ def _qwen_tokenizer() -> Qwen2Tokenizer:
 # --------------------------------------------------------------------------------------------------
 
 
-def _clip_text_encoder(seed: int, tokenizer: CLIPTokenizer, with_projection: bool) -> CLIPTextModel:
+def _clip_text_encoder(seed: int, tokenizer: CLIPTokenizer, with_projection: bool, width: int = _CLIP_WIDTH,
+                       layers: int = 2) -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=_CLIP_WIDTH,
-        intermediate_size=64,
-        projection_dim=_CLIP_WIDTH,
-        num_hidden_layers=2,  # the pipelines read hidden_states[-2]
+        hidden_size=width,
+        intermediate_size=2 * width,
+        projection_dim=width,
+        num_hidden_layers=layers,  # the pipelines read hidden_states[-2]
         num_attention_heads=4,
         max_position_embeddings=tokenizer.model_max_length,
         hidden_act="gelu",
@@ -376,13 +377,13 @@ def _clip_text_encoder(seed: int, tokenizer: CLIPTokenizer, with_projection: boo
         return _eval(cls(config))
 
 
-def _t5_encoder(seed: int, tokenizer: T5Tokenizer, width: int) -> T5EncoderModel:
+def _t5_encoder(seed: int, tokenizer: T5Tokenizer, width: int, layers: int = 2) -> T5EncoderModel:
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=width,
-        d_kv=8,
+        d_kv=max(8, width // 4),
         d_ff=2 * width,
-        num_layers=2,
+        num_layers=layers,
         num_heads=4,
         relative_attention_num_buckets=8,
         relative_attention_max_distance=32,
@@ -427,7 +428,7 @@ def _qwen_text_encoder(seed: int, tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForCon
         return _eval(Qwen2_5_VLForConditionalGeneration(config))
 
 
-def _kl_vae(seed: int, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+def _kl_vae(seed: int, scaling_factor: float, shift_factor: float, latent_channels: int = _LATENT_CHANNELS) -> AutoencoderKL:
     """A 3-level KL autoencoder: x4 spatial downsampling, :data:`_LATENT_CHANNELS` latent channels."""
     with _seeded(seed):
         return _eval(AutoencoderKL(
@@ -435,7 +436,7 @@ def _kl_vae(seed: int, scaling_factor: float, shift_factor: float) -> Autoencode
             up_block_types=("UpDecoderBlock2D",) * 3,
             block_out_channels=(8, 16, 16),
             layers_per_block=1,
-            latent_channels=_LATENT_CHANNELS,
+            latent_channels=latent_channels,
             norm_num_groups=4,
             sample_size=32,
             scaling_factor=scaling_factor,
@@ -483,6 +484,28 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
         text_encoder_2=_t5_encoder(seed, t5_tok, _FLUX_T5_WIDTH),
         tokenizer_2=t5_tok,
         transformer=tiny_flux_transformer(seed),
+    )
+    return _quiet(pipe)
+
+
+def medium_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """A benchmark-sized FLUX pipeline: :func:`medium_flux_transformer` with CLIP and T5 text encoders
+    of its widths (256; 4 layers each) and a x4 VAE with 16 latent channels. At 256×256 pixels the
+    transformer sees :data:`MEDIUM_FLUX_GRID` (1024 image tokens)."""
+    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
+    width = _MEDIUM_FLUX_CONFIG["joint_attention_dim"]
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096,
+        ),
+        vae=_kl_vae(seed, scaling_factor=0.3611, shift_factor=0.1159,
+                    latent_channels=_MEDIUM_FLUX_CONFIG["in_channels"] // 4),
+        text_encoder=_clip_text_encoder(seed, clip_tok, with_projection=False, width=width, layers=4),
+        tokenizer=clip_tok,
+        text_encoder_2=_t5_encoder(seed, t5_tok, width, layers=4),
+        tokenizer_2=t5_tok,
+        transformer=medium_flux_transformer(seed),
     )
     return _quiet(pipe)
 

@@ -14,6 +14,7 @@ import argparse
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,8 +34,9 @@ def batch(rng: np.random.Generator, size: int) -> tuple[torch.Tensor, list[str]]
 
 
 def train(out: Path, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, threads: int = 2,
-          ema_decay: float = 0.998, log_every: int = 50) -> None:
+          ema_decay: float = 0.998, log_every: int = 50, checkpoint_every: int = 0) -> None:
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # subnormal activations would make CPU steps ~10x slower
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pipe = build_pipeline(seed)
@@ -73,30 +75,45 @@ def train(out: Path, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: i
             for shadow, p in zip(ema, params):
                 shadow.lerp_(p.detach(), 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_ema(pipe, params, ema, out.parent / f"{out.name}-step-{step + 1}")
         if (step + 1) % log_every == 0 or step + 1 == steps:
             elapsed = time.monotonic() - started
             print(f"step {step + 1}/{steps}  loss {running:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
                   f"{elapsed / (step + 1):.2f} s/step  eta {elapsed / (step + 1) * (steps - step - 1) / 60:.1f} min",
                   flush=True)
+    _save_ema(pipe, params, ema, out)
+    print(f"saved to {out} after {steps} steps in {(time.monotonic() - started) / 60:.1f} min")
+
+
+def _save_ema(pipe: Any, params: list[torch.Tensor], ema: list[torch.Tensor], out: Path) -> None:
+    """Save the pipeline with the averaged weights, leaving the training weights in place."""
     with torch.no_grad():
+        live = [p.detach().clone() for p in params]
         for shadow, p in zip(ema, params):
             p.copy_(shadow)
-    transformer.eval()
-    text_encoder.eval()
-    pipe.save_pretrained(out, safe_serialization=True)
-    print(f"saved to {out} after {steps} steps in {(time.monotonic() - started) / 60:.1f} min")
+        pipe.transformer.eval()
+        pipe.text_encoder.eval()
+        pipe.save_pretrained(out, safe_serialization=True)
+        for saved, p in zip(live, params):
+            p.copy_(saved)
+        pipe.transformer.train()
+        pipe.text_encoder.train()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--checkpoint-every", type=int, default=500,
+                        help="save the EMA weights every N steps too (to OUT/step-N), so a long run can be inspected")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.threads)
+    train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.threads,
+          checkpoint_every=args.checkpoint_every)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""The end of a calibration run: calibration file, evaluation across NFE, curves, grids, report;
+and ``calibri evaluate`` on run directories and calibration files."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from calibri.core.config import validate
+from calibri.core.run import start_run
+
+
+def config(toy_dir, prompt_files, **changes):
+    train, val = prompt_files
+    data = {"name": "rep", "seed": 1,
+            "objective": {"name": "calibri", "options": {
+                "model": str(toy_dir), "granularity": "block", "steps": 2, "guidance_scale": 3.0, "bucket_size": 2,
+                "reward": "colorfulness", "prompts": str(train), "validation_prompts": str(val)}},
+            "optimizer": {"name": "pycma", "popsize": 3}, "budget": {"rounds": 2}, "validation": {"every": 1},
+            "callbacks": [{"name": "calibration_report", "options": {"nfe": [1, 2], "guidance": [2.0], "grid_prompts": 2}}]}
+    data.update(changes)
+    return data
+
+
+@pytest.fixture(scope="module")
+def run_dir(toy_dir, prompt_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "rep"
+    start_run(validate(config(toy_dir, prompt_files)), out, quiet=True)
+    return out
+
+
+def test_report_files_are_written_and_consistent(run_dir):
+    for name in ("calibration.json", "evaluation.csv", "evaluation.md", "reward_vs_nfe.png", "reward_curve.png",
+                 "grid.png", "report.md", "convergence.png"):
+        assert (run_dir / name).is_file(), name
+    for png in ("reward_vs_nfe.png", "reward_curve.png", "grid.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((run_dir / "evaluation.csv").open()))
+    assert {(r["variant"], r["steps"]) for r in rows} == {(v, s) for v in ("baseline", "calibrated", "guidance=2")
+                                                         for s in ("1", "2")}
+    assert all(r["diff_vs_baseline"] == "" for r in rows if r["variant"] == "baseline")
+    best = json.loads((run_dir / "best.json").read_text())
+    selected = best["validation"]["selected"]
+    document = json.loads((run_dir / "calibration.json").read_text())
+    assert document["values"] == pytest.approx(selected["params"])
+    validation_at_2 = next(r for r in rows if r["variant"] == "calibrated" and r["steps"] == "2")
+    assert float(validation_at_2["mean"]) == pytest.approx(selected["value"], abs=1e-9)  # same prompts, seeds
+    report = (run_dir / "report.md").read_text()
+    assert "calibration.json" in report and "grid.png" in report and "| baseline |" in report
+
+
+def test_the_calibration_file_applies_to_a_fresh_pipeline(run_dir, toy_dir):
+    from calibri.plugins.dit.calibration_file import apply_calibration
+    from calibri.plugins.dit.models import load_pipeline
+
+    pipe = load_pipeline(str(toy_dir))
+    calibrator = apply_calibration(pipe, run_dir / "calibration.json")
+    document = json.loads((run_dir / "calibration.json").read_text())
+    assert calibrator.values() == pytest.approx(document["values"])
+
+
+def test_evaluate_command_on_a_run_directory(run_dir, cli, tmp_path):
+    result = cli("evaluate", run_dir, "--steps", "1,2", "--guidance", "2.5", "-o", tmp_path / "ev", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "| calibrated | 2 |" in result.stdout and "| guidance=2.5 | 1 |" in result.stdout
+    assert (tmp_path / "ev" / "evaluation.csv").is_file() and (tmp_path / "ev" / "reward_vs_nfe.png").is_file()
+
+
+def test_evaluate_command_on_a_calibration_file(run_dir, toy_dir, prompt_files, cli, tmp_path):
+    train, _ = prompt_files
+    result = cli("evaluate", run_dir / "calibration.json", "--model", toy_dir, "--reward", "colorfulness",
+                 "--prompts", train, "--steps", "2", "-o", tmp_path / "ev2", timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((tmp_path / "ev2" / "evaluation.csv").open()))
+    assert [r["variant"] for r in rows] == ["baseline", "calibrated"] and rows[0]["n"] == "5"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "two"], "--steps: expected comma-separated numbers"),
+    (["--steps", "0"], "--steps: step counts must be at least 1"),
+])
+def test_evaluate_command_bad_input_is_one_line(run_dir, cli, args, message):
+    result = cli("evaluate", run_dir, *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_command_on_missing_or_foreign_targets(cli, tmp_path):
+    result = cli("evaluate", tmp_path / "nothing.json")
+    assert result.returncode == 2 and "no such calibration file" in result.stderr
+    (tmp_path / "plain").mkdir()
+    result = cli("evaluate", tmp_path / "plain")
+    assert result.returncode == 2 and "not a calibri run directory" in result.stderr
+
+
+def test_the_toy_demo_config_validates():
+    from pathlib import Path
+
+    from calibri.core.run import plan
+
+    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "examples" / "toy.yaml").read_text())
+    p = plan(validate(data))
+    assert p.recipe.options["model"] == "toy" and p.space is not None
