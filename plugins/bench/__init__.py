@@ -1,0 +1,18 @@
+"""``calibri bench``: optimisers × problems × budgets × seeds, run as ordinary calibri runs (in
+parallel, resumable) and reported with the field's views (runtime ECDFs over BBOB targets,
+fixed-budget convergence, rankings with paired Wilcoxon + Holm, win rates, overhead).
+
+Modules: :mod:`.config` (the YAML), :mod:`.cells` (the matrix), :mod:`.runner` (the process
+pool), :mod:`.analysis` (the numbers), :mod:`.export` (CSV, IOHprofiler, COCO), :mod:`.report`
+(markdown + PNGs), :mod:`.bench` (all of it), :mod:`.commands` (the CLI). See docs/bench.md.
+"""
+from __future__ import annotations
+
+from calibri.core.hookspecs import hookimpl
+
+
+@hookimpl
+def calibri_register_commands(register):
+    from .commands import bench_command
+
+    register(bench_command)

@@ -1,0 +1,266 @@
+"""The numbers behind the report: per-run best-so-far curves, runtime ECDFs over (problem, target)
+pairs, fixed-budget rankings with paired Wilcoxon tests and Holm's correction, win rates,
+and wall-clock / optimiser overhead per evaluation."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cells import Cell, Problem
+
+#: The 51 standard BBOB targets on precision f - f_opt: 10^2, 10^1.8, ..., 10^-8.
+STANDARD_TARGETS = 10.0 ** np.linspace(2, -8, 51)
+#: Precision below the last target counts as solved: rankings and tests treat such values as ties.
+FINAL_TARGET = 1e-8
+
+
+@dataclass
+class RunData:
+    """One finished cell: its best-so-far curve (``best[k]`` after ``k + 1`` evaluations) on
+    precision when the problem's optimum is known, else on the loss."""
+
+    problem: Problem
+    optimizer: str
+    seed: int
+    best: np.ndarray
+    has_precision: bool
+    elapsed: float            # the run loop's seconds (objective + optimiser + calibri's bookkeeping)
+    objective_seconds: float  # sum of the evaluations' wall times
+    evaluations: int
+    records: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def at(self, budget: int) -> float:
+        """Best-so-far after ``budget`` evaluations (the last value if the run is shorter)."""
+        if len(self.best) == 0:
+            return math.inf
+        return float(self.best[min(budget, len(self.best)) - 1])
+
+
+def cell_records(cell: Cell, bench_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A cell's trial records (cut to the cell's budget) and its best.json."""
+    run_dir = Path(bench_dir) / cell.relpath
+    best = json.loads((run_dir / "best.json").read_text(encoding="utf-8"))
+    records = []
+    with open(run_dir / "trials.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            if not line.endswith("\n"):
+                break
+            records.append(json.loads(line))
+            if len(records) >= cell.evaluations:
+                break
+    return records, best
+
+
+def losses_and_precision(records: Sequence[dict[str, Any]], direction: str,
+                         f_opt: float | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per evaluation: the loss (NaN when failed) and the precision (``None`` when unknown)."""
+    sign = -1.0 if direction == "maximize" else 1.0
+    loss = np.array([sign * r["value"] if r.get("status", "ok") == "ok" and r.get("value") is not None else np.nan
+                     for r in records], dtype=np.float64)
+    metric = [(r.get("metrics") or {}).get("precision") for r in records]
+    if records and all(m is not None or r.get("status", "ok") != "ok" for m, r in zip(metric, records)):
+        return loss, np.array([np.nan if m is None else float(m) for m in metric], dtype=np.float64)
+    if f_opt is not None:
+        return loss, loss - f_opt
+    return loss, None
+
+
+def best_so_far(values: np.ndarray) -> np.ndarray:
+    """Running minimum, failures (NaN) ignored; +inf until the first success."""
+    filled = np.where(np.isnan(values), np.inf, values)
+    return np.minimum.accumulate(filled) if len(filled) else filled
+
+
+def load_run(cell: Cell, bench_dir: Path, keep_records: bool = False) -> RunData:
+    records, best = cell_records(cell, bench_dir)
+    loss, precision = losses_and_precision(records, best.get("direction", "minimize"), cell.problem.f_opt)
+    curve = best_so_far(precision if precision is not None else loss)
+    objective_seconds = float(sum(r.get("wall_time") or 0.0 for r in records))
+    elapsed = float(best.get("elapsed_seconds") or 0.0)
+    total = int(best.get("evaluations") or len(records))
+    if total > len(records) and total:  # the run went past this bench's budget: scale its time
+        elapsed *= len(records) / total
+    return RunData(cell.problem, cell.optimizer, cell.seed, curve, precision is not None, elapsed,
+                   objective_seconds, len(records), records if keep_records else [])
+
+
+# -- runtimes and ECDFs ---------------------------------------------------------------------
+def runtimes(best: np.ndarray, targets: Sequence[float] = STANDARD_TARGETS) -> np.ndarray:
+    """For each target, the number of evaluations until ``best`` first reaches it (``inf`` if never)."""
+    best = np.asarray(best, dtype=np.float64)
+    out = np.full(len(targets), np.inf)
+    for i, target in enumerate(targets):
+        hit = np.flatnonzero(best <= target)
+        if hit.size:
+            out[i] = hit[0] + 1
+    return out
+
+
+def ecdf(runtime_values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The fraction of (problem, target) runtimes at most each budget of ``grid``."""
+    runtime_values = np.sort(np.asarray(runtime_values, dtype=np.float64).ravel())
+    if runtime_values.size == 0:
+        return np.zeros(len(grid))
+    return np.searchsorted(runtime_values, np.asarray(grid, dtype=np.float64), side="right") / runtime_values.size
+
+
+def ecdf_area(fractions: np.ndarray) -> float:
+    """The normalised area under an ECDF drawn on a log-spaced grid (1: every target at once)."""
+    fractions = np.asarray(fractions, dtype=np.float64)
+    return float(fractions.mean()) if fractions.size else 0.0
+
+
+def log_grid(max_evaluations: int, dimension: int, points: int = 200) -> np.ndarray:
+    """Budgets in evaluations, log-spaced from 1 to ``max_evaluations`` (the ECDF's x axis is ÷ d)."""
+    return np.unique(np.round(np.logspace(0, math.log10(max(max_evaluations, 1)), points)))
+
+
+def ecdf_by_optimizer(runs: Sequence[RunData], max_evaluations: int, dimension: int) -> dict[str, Any]:
+    """ECDF curve, final fraction and area per optimiser, over every (problem, seed, target) triple."""
+    grid = log_grid(max_evaluations, dimension)
+    out: dict[str, Any] = {"grid": grid, "curves": {}, "final": {}, "area": {}}
+    by_optimizer: dict[str, list[np.ndarray]] = {}
+    for run in runs:
+        if run.has_precision:
+            by_optimizer.setdefault(run.optimizer, []).append(runtimes(run.best[:max_evaluations]))
+    for optimizer, values in by_optimizer.items():
+        curve = ecdf(np.concatenate(values), grid)
+        out["curves"][optimizer], out["final"][optimizer], out["area"][optimizer] = curve, float(curve[-1]), \
+            ecdf_area(curve)
+    return out
+
+
+def fraction_of_targets(curves: Sequence[np.ndarray], targets: Sequence[float] = STANDARD_TARGETS) -> float:
+    """The fraction of (run, target) pairs reached by the end of the runs."""
+    reached = [np.isfinite(runtimes(curve, targets)) for curve in curves]
+    return float(np.mean(np.concatenate(reached))) if reached else 0.0
+
+
+# -- statistics -----------------------------------------------------------------------------
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm–Bonferroni adjusted p-values (step-down, monotone, capped at 1), in input order."""
+    p = np.asarray(p_values, dtype=np.float64)
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def comparable(value: float, has_precision: bool) -> float:
+    """What rankings compare: log10 precision floored at the final target, else the raw loss."""
+    if has_precision:
+        return math.log10(max(value, FINAL_TARGET)) if math.isfinite(value) else math.inf
+    return value
+
+
+def block_matrix(runs: Sequence[RunData], budget_of: Any, optimizers: Sequence[str]
+                 ) -> tuple[list[tuple[str, int]], np.ndarray, np.ndarray]:
+    """Rows = (problem, seed) blocks where every optimiser ran; columns = optimisers.
+    Returns the blocks, the comparable values and the raw best-so-far values at each block's budget."""
+    table: dict[tuple[str, int], dict[str, RunData]] = {}
+    for run in runs:
+        table.setdefault((run.problem.label, run.seed), {})[run.optimizer] = run
+    blocks = [key for key, row in table.items() if all(o in row for o in optimizers)]
+    values = np.full((len(blocks), len(optimizers)), np.nan)
+    raw = np.full((len(blocks), len(optimizers)), np.nan)
+    for i, key in enumerate(blocks):
+        for j, optimizer in enumerate(optimizers):
+            run = table[key][optimizer]
+            raw[i, j] = run.at(budget_of(run.problem))
+            values[i, j] = comparable(raw[i, j], run.has_precision)
+    return blocks, values, raw
+
+
+def ranking(values: np.ndarray, raw: np.ndarray, optimizers: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean rank (1 = best; ties share), median value, wins (best or tied best in a block), and
+    a paired Wilcoxon signed-rank test of each optimiser against the best-ranked one, Holm-corrected."""
+    from scipy.stats import rankdata, wilcoxon
+
+    if values.size == 0:
+        return []
+    ranks = np.vstack([rankdata(row, method="average") for row in values])
+    mean_rank = ranks.mean(axis=0)
+    best = int(np.argmin(mean_rank))
+    wins = (values == values.min(axis=1, keepdims=True)).sum(axis=0)
+    p_raw = []
+    others = [j for j in range(len(optimizers)) if j != best]
+    for j in others:
+        diff = values[:, j] - values[:, best]
+        finite = np.isfinite(diff)
+        diff = diff[finite]
+        if diff.size == 0 or np.all(diff == 0):
+            p_raw.append(1.0)
+            continue
+        try:
+            with warnings.catch_warnings():  # small samples: scipy warns about its approximation
+                warnings.simplefilter("ignore")
+                p_raw.append(float(wilcoxon(diff, zero_method="wilcox").pvalue))
+        except ValueError:
+            p_raw.append(1.0)
+    adjusted = dict(zip(others, holm(p_raw))) if others else {}
+    raw_p = dict(zip(others, p_raw))
+    rows = []
+    for j, name in enumerate(optimizers):
+        rows.append({"optimizer": name, "mean_rank": float(mean_rank[j]), "median": float(np.median(raw[:, j])),
+                     "wins": int(wins[j]), "blocks": int(values.shape[0]),
+                     "p_value": raw_p.get(j), "p_holm": adjusted.get(j), "reference": j == best})
+    return sorted(rows, key=lambda row: row["mean_rank"])
+
+
+def win_rates(values: np.ndarray) -> np.ndarray:
+    """``W[a, b]``: the share of blocks where optimiser a beats b (a tie counts one half)."""
+    k = values.shape[1]
+    out = np.full((k, k), np.nan)
+    for a in range(k):
+        for b in range(k):
+            if a != b and values.shape[0]:
+                out[a, b] = float(np.mean((values[:, a] < values[:, b]) + 0.5 * (values[:, a] == values[:, b])))
+    return out
+
+
+def overhead(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """Per optimiser: wall-clock, objective and overhead (wall − objective) per evaluation, in ms,
+    medians over its cells, and the total wall-clock."""
+    by_optimizer: dict[str, list[RunData]] = {}
+    for run in runs:
+        by_optimizer.setdefault(run.optimizer, []).append(run)
+    rows = []
+    for optimizer, items in by_optimizer.items():
+        items = [r for r in items if r.evaluations]
+        if not items:
+            continue
+        wall = np.array([r.elapsed / r.evaluations for r in items]) * 1e3
+        objective = np.array([r.objective_seconds / r.evaluations for r in items]) * 1e3
+        rows.append({"optimizer": optimizer, "cells": len(items), "total_seconds": float(sum(r.elapsed for r in items)),
+                     "wall_ms": float(np.median(wall)), "objective_ms": float(np.median(objective)),
+                     "overhead_ms": float(np.median(wall - objective))})
+    return rows
+
+
+def convergence(runs: Sequence[RunData], max_evaluations: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per optimiser on one problem: the 25th, 50th and 75th percentiles over seeds of best-so-far
+    against evaluations 1..max."""
+    by_optimizer: dict[str, list[np.ndarray]] = {}
+    for run in runs:
+        curve = run.best[:max_evaluations]
+        if len(curve) < max_evaluations and len(curve):
+            curve = np.concatenate([curve, np.full(max_evaluations - len(curve), curve[-1])])
+        if len(curve):
+            by_optimizer.setdefault(run.optimizer, []).append(curve)
+    out = {}
+    for optimizer, curves in by_optimizer.items():
+        stack = np.vstack(curves)
+        q25, q50, q75 = np.percentile(stack, [25, 50, 75], axis=0)
+        out[optimizer] = (q25, q50, q75)
+    return out
