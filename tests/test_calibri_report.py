@@ -33,7 +33,7 @@ def run_dir(toy_dir, prompt_files, tmp_path_factory):
 
 def test_report_files_are_written_and_consistent(run_dir):
     for name in ("calibration.json", "evaluation.csv", "evaluation.md", "reward_vs_nfe.png", "reward_curve.png",
-                 "grid.png", "report.md", "convergence.png"):
+                 "grid.png", "report.md"):
         assert (run_dir / name).is_file(), name
     for png in ("reward_vs_nfe.png", "reward_curve.png", "grid.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -46,7 +46,7 @@ def test_report_files_are_written_and_consistent(run_dir):
     document = json.loads((run_dir / "calibration.json").read_text())
     assert document["values"] == pytest.approx(selected["params"])
     validation_at_2 = next(r for r in rows if r["variant"] == "calibrated" and r["steps"] == "2")
-    assert float(validation_at_2["mean"]) == pytest.approx(selected["value"], abs=1e-9)  # same prompts, seeds
+    assert float(validation_at_2["mean"]) == pytest.approx(selected["value"], abs=1e-5)  # same prompts and seeds (CSV keeps 6 decimals)
     report = (run_dir / "report.md").read_text()
     assert "calibration.json" in report and "grid.png" in report and "| baseline |" in report
 

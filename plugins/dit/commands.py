@@ -157,6 +157,8 @@ def evaluate_command(target: str, steps_text: str, guidance_text: str | None, pr
 
 def _evaluation_target(path, model, reward, device, prompts, seed):
     """(objective, calibrated values, (prompts, metadata, seed)) for a run dir or a calibration file."""
+    from pathlib import Path
+
     from calibri.core.errors import UserError
 
     from .objective import CalibriObjective, CalibriOptions, calibri_stream
