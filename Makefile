@@ -1,5 +1,5 @@
 # Development entry points. Each target creates the virtual environment on first use.
-#   make demo    run the main job (an example calibration run; writes runs/demo)
+#   make demo    run the main job (a Calibri calibration of the shipped toy DiT; writes runs/demo)
 #   make test    run the test suite
 #   make bench   run the committed benchmarks
 PYTHON ?= python3
@@ -31,6 +31,10 @@ test-all: venv
 bench: venv
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/dit_overhead.py
+	$(PY) benchmarks/calibri_vs_naive.py
+	$(PY) benchmarks/rewards_throughput.py
+	$(PY) benchmarks/reward_server_overhead.py
+	$(PY) benchmarks/cma_wrapping_parity.py
 
 clean:
 	rm -rf runs .pytest_cache

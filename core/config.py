@@ -166,22 +166,28 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def config_error(exc: pydantic.ValidationError, model: type[BaseModel], root: str = "config") -> ConfigError:
+    """A schema's first validation error as a one-line :class:`ConfigError` naming the field
+    (``root`` where the error is about the whole document)."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
+    field = ".".join(loc) or root
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+        if len(loc) == 1:
+            message += f" (known: {', '.join(model.model_fields)})"
+    elif error["type"] != "missing" and "input" in error and not isinstance(error["input"], (dict, list)):
+        message = f"{message} (got {error['input']!r})"
+    return ConfigError(field, message)
+
+
 def validate(data: Mapping[str, Any]) -> RunConfig:
     """Schema validation with the first error as a one-line :class:`ConfigError`."""
     try:
         return RunConfig.model_validate(data)
     except pydantic.ValidationError as exc:
-        error = exc.errors()[0]
-        loc = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
-        field = ".".join(loc) or "config"
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown key"
-            if len(loc) == 1:
-                message += f" (known: {', '.join(RunConfig.model_fields)})"
-        elif error["type"] != "missing" and "input" in error and not isinstance(error["input"], (dict, list)):
-            message = f"{message} (got {error['input']!r})"
-        raise ConfigError(field, message) from None
+        raise config_error(exc, RunConfig) from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:

@@ -125,7 +125,7 @@ CASES = [
     pytest.param(BASE, ["executor=dask"], "executor.name: unknown executor 'dask' (available: process, serial)",
                  id="unknown-executor"),
     pytest.param(BASE + "callbacks: [tensorboard]\n", [],
-                 "callbacks.0.name: unknown callback 'tensorboard' (available: plot, progress)", id="unknown-callback"),
+                 "callbacks.0.name: unknown callback 'tensorboard' (available: calibration_report, plot, progress)", id="unknown-callback"),
     pytest.param(BASE + "callbacks: [progress, tensorboard]\n", [],
                  "callbacks.1.name: unknown callback 'tensorboard'", id="unknown-second-callback"),
     pytest.param(BASE, ["objective.options.dims=3"],

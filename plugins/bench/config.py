@@ -9,7 +9,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from calibri.core.config import apply_overrides, read_yaml
+from calibri.core.config import apply_overrides, config_error, read_yaml
 from calibri.core.errors import ConfigError
 
 
@@ -212,20 +212,10 @@ def validate_bench(data: Mapping[str, Any]) -> BenchConfig:
     try:
         return BenchConfig.model_validate(data)
     except pydantic.ValidationError as exc:
-        error = exc.errors()[0]
-        cause = (error.get("ctx") or {}).get("error")
+        cause = (exc.errors()[0].get("ctx") or {}).get("error")
         if isinstance(cause, _FieldError):
             raise ConfigError(cause.field, str(cause)) from None
-        loc = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
-        field = ".".join(loc) or "bench"
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown key"
-            if len(loc) == 1:
-                message += f" (known: {', '.join(BenchConfig.model_fields)})"
-        elif error["type"] != "missing" and "input" in error and not isinstance(error["input"], (dict, list)):
-            message = f"{message} (got {error['input']!r})"
-        raise ConfigError(field, message) from None
+        raise config_error(exc, BenchConfig, "bench") from None
 
 
 def load_bench(path: str | Path, overrides: Sequence[str] = ()) -> BenchConfig:
