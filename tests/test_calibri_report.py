@@ -103,3 +103,20 @@ def test_the_toy_demo_config_validates():
     data = yaml.safe_load((Path(__file__).resolve().parent.parent / "examples" / "toy.yaml").read_text())
     p = plan(validate(data))
     assert p.recipe.options["model"] == "toy" and p.space is not None
+
+
+def test_the_main_job_runs_end_to_end_on_the_shipped_model(cli, tmp_path):
+    """`make demo`'s command, shortened: the shipped toy model, its prompt sets and oracle."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parent.parent / "examples" / "toy.yaml"
+    result = cli("run", config, "-o", tmp_path / "demo", "--quiet", "budget.rounds=2", "objective.options.bucket_size=4",
+                 "validation.every=1", "callbacks=[plot, {name: calibration_report, options: {nfe: [2], grid_prompts: 2}}]",
+                 timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "demo" / "report.md").read_text()
+    import re
+
+    baseline = float(re.search(r"held-out reward at NFE 4: baseline ([0-9.]+)", report).group(1))
+    assert abs(baseline - 0.751) < 0.01  # the shipped model's measured baseline (README table)
+    assert (tmp_path / "demo" / "grid.png").is_file() and (tmp_path / "demo" / "convergence.png").is_file()

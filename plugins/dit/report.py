@@ -112,9 +112,9 @@ def _summary_text(run_dir: Path, config: dict[str, Any], objective: Any, how: st
              f"{best['elapsed_seconds']:.0f} s; bucket {opts.bucket_size} prompts per round, {n} steps",
              f"- result: {how}; written to `calibration.json`"]
     if cal is not None and base is not None:
+        z = f", {cal.z:.1f} s.e." if cal.z is not None else ""
         lines.append(f"- held-out reward at NFE {n}: baseline {base.mean:.4f} ± {base.sem:.4f} → calibrated "
-                     f"{cal.mean:.4f} ± {cal.sem:.4f} (paired difference {cal.diff:+.4f} ± {cal.diff_sem:.4f}, "
-                     f"{cal.z:.1f} s.e.)" if cal.z is not None else "")
+                     f"{cal.mean:.4f} ± {cal.sem:.4f} (paired difference {cal.diff:+.4f} ± {cal.diff_sem:.4f}{z})")
     if match is not None:
         lines.append(f"- the baseline needs NFE {match} to match the calibrated model at NFE {n}")
     else:
