@@ -171,3 +171,11 @@ def test_bad_options_are_one_line_errors_with_exit_status_2(toy_dir, prompt_file
     with pytest.raises(ConfigError, match="guidance"):
         from calibri.core.run import plan
         plan(validate(config))
+
+
+def test_a_negative_validation_seed_is_a_config_error(toy_dir, prompt_files):
+    from calibri.core.run import plan
+
+    with pytest.raises(ConfigError, match="must be at least 0") as info:
+        plan(validate(run_config(toy_dir, prompt_files, options={"validation_seed": -1})))
+    assert info.value.field == "objective.options.validation_seed"

@@ -117,6 +117,34 @@ def test_the_main_job_runs_end_to_end_on_the_shipped_model(cli, tmp_path):
     report = (tmp_path / "demo" / "report.md").read_text()
     import re
 
-    baseline = float(re.search(r"held-out reward at NFE 4: baseline ([0-9.]+)", report).group(1))
+    baseline = float(re.search(r"reward at NFE 4 \(held-out prompts, fixed seeds\): baseline ([0-9.]+)", report).group(1))
     assert abs(baseline - 0.751) < 0.01  # the shipped model's measured baseline (README table)
     assert (tmp_path / "demo" / "grid.png").is_file() and (tmp_path / "demo" / "convergence.png").is_file()
+
+
+def test_evaluate_refuses_a_calibration_for_another_model(run_dir, tmp_path, cli, prompt_files):
+    from calibri.plugins.toy.pipeline import build_pipeline
+
+    other = tmp_path / "other"
+    build_pipeline(seed=1, layers=3).save_pretrained(other)  # one more block: other sites
+    train, _ = prompt_files
+    result = cli("evaluate", run_dir / "calibration.json", "--model", other, "--reward", "colorfulness",
+                 "--prompts", train, "--steps", "1", timeout=300)
+    assert result.returncode == 2 and "sites do not match" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_default_guidance_and_guidance_variants_work_without_a_guidance_option(toy_dir, prompt_files):
+    """guidance_scale unset: the pipeline's own default applies; guidance=G variants still work."""
+    from calibri.plugins.dit.evaluation import evaluate
+    from calibri.plugins.dit.objective import calibri_objective
+
+    train, _ = prompt_files
+    objective = calibri_objective(model=str(toy_dir), steps=1, reward="colorfulness", prompts=str(train),
+                                  validation_prompts=None)
+    try:
+        rows = evaluate(objective, ["baseline", "guidance=1", "guidance=6"], [1], ["a small red circle on the left"] * 2,
+                        [{}, {}], seed=0)
+    finally:
+        objective.close()
+    assert len(rows) == 3 and rows[1].mean != rows[2].mean

@@ -129,6 +129,16 @@ def apply_calibration(pipe_or_transformer: Any, path: str | Path) -> Calibrator:
                                 document.get("guidance_scale"), time_buckets=document.get("time_buckets", 1))
     except ValueError as exc:
         raise CalibrationMismatch(f"{path}: {exc}") from None
+    check_fits(calibrator, document, path)
+    calibrator.attach()
+    calibrator.set_values({k: float(v) for k, v in document["values"].items()})
+    return calibrator
+
+
+def check_fits(calibrator: Calibrator, document: dict[str, Any], path: str | Path) -> None:
+    """Raise :class:`CalibrationMismatch` unless the calibration ``document`` fits ``calibrator``'s
+    model: same architecture, same sites in the same order, no unknown values."""
+    transformer = calibrator.transformer
     if calibrator.adapter.name != document["architecture"]:
         raise CalibrationMismatch(f"{path}: made for architecture {document['architecture']!r}, "
                                   f"this model is {calibrator.adapter.name!r} ({type(transformer).__name__})")
@@ -141,11 +151,8 @@ def apply_calibration(pipe_or_transformer: Any, path: str | Path) -> Calibrator:
     expected = document.get("model", {}).get("config_sha256")
     if expected and expected != config_sha256(transformer):
         warnings.warn(f"calibri: {path} was made for a model with another config "
-                      f"({document['model'].get('name_or_path') or 'unnamed'}); applying it anyway", stacklevel=2)
+                      f"({document['model'].get('name_or_path') or 'unnamed'}); applying it anyway", stacklevel=3)
     unknown = sorted(set(document["values"]) - set(calibrator.parameter_names()))
     if unknown:
         raise CalibrationMismatch(f"{path}: values for {len(unknown)} parameters this calibration does not have "
                                   f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})")
-    calibrator.attach()
-    calibrator.set_values({k: float(v) for k, v in document["values"].items()})
-    return calibrator

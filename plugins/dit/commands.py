@@ -104,7 +104,8 @@ def _numbers(text: str | None, kind: type, option: str) -> list:
 @click.option("--guidance", "guidance_text", default=None,
               help="Also evaluate the uncalibrated model at these guidance scales (tuned-guidance baselines).")
 @click.option("--prompts", default=None, help="Held-out prompts (.txt or .jsonl; default: the run's validation set).")
-@click.option("--seed", type=int, default=None, help="Seed of the held-out images (default: the run's validation seed).")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Seed of the held-out images (default: the run's validation seed).")
 @click.option("--model", default=None, help="With a calibration file: the pipeline (folder, hub id, or 'toy').")
 @click.option("--reward", default=None, help="Reward name (default: the run's reward; toy_oracle for the toy model).")
 @click.option("--device", default=None, help="Torch device (default: cpu).")
@@ -170,6 +171,9 @@ def _evaluation_target(path, model, reward, device, prompts, seed):
             raise UserError(f"{path}: not a calibri run directory (no config.yaml)")
         values, _ = selected_values(path)
         objective, stream, _ = load_run_objective(path, device)
+        if prompts is None and not getattr(stream, "has_validation", False):
+            objective.close()
+            raise UserError(f"--prompts: {path} has no validation prompts; give held-out prompts to evaluate on")
         texts, metadata, image_seed = held_out(stream)
     else:
         from .calibration_file import load_calibration
@@ -190,6 +194,13 @@ def _evaluation_target(path, model, reward, device, prompts, seed):
         if prompts is None and not is_toy:
             raise UserError("--prompts: give the held-out prompts to evaluate on")
         objective = CalibriObjective(options)
+        from .calibration_file import check_fits
+
+        try:
+            check_fits(objective.calibrator, document, path)
+        except Exception:
+            objective.close()
+            raise
         values = {k: float(v) for k, v in document["values"].items()}
         stream = calibri_stream(0, **{"prompts": options.prompts, "validation_prompts": options.validation_prompts})
         texts, metadata, image_seed = held_out(stream)

@@ -29,6 +29,9 @@ class Family:
     guidance_argument: str
     #: Names of tensors that are per-token masks (padded with zeros when prompts differ in length).
     masks: tuple[str, ...] = ()
+    #: Whether the family has classifier-free guidance (then the negative encodings are always
+    #: cached, so any guidance scale — the pipeline's default included — can be used later).
+    has_cfg: bool = True
 
 
 def _encode_sd3(pipe: Any, prompt: str, device: torch.device, cfg: bool, negative: str | None) -> dict[str, torch.Tensor]:
@@ -60,7 +63,7 @@ def _encode_qwen(pipe: Any, prompt: str, device: torch.device, cfg: bool, negati
 FAMILIES: dict[str, Family] = {
     "StableDiffusion3Pipeline": Family(_encode_sd3, "guidance_scale"),
     "ToyFlowPipeline": Family(_encode_sd3, "guidance_scale"),
-    "FluxPipeline": Family(_encode_flux, "guidance_scale"),
+    "FluxPipeline": Family(_encode_flux, "guidance_scale", has_cfg=False),
     "QwenImagePipeline": Family(_encode_qwen, "true_cfg_scale", masks=("prompt_embeds_mask", "negative_prompt_embeds_mask")),
 }
 
@@ -104,8 +107,9 @@ def family_of(pipe: Any) -> Family:
 class ImageGenerator:
     """Generates images for (prompt, seed) pairs with cached prompt encodings.
 
-    ``guidance_scale`` > 1 enables classifier-free guidance where the family has it (FLUX.1-dev's
-    guidance is an embedding, not CFG: there it is only passed on).
+    ``guidance_scale`` is passed to the pipeline (None: the pipeline's default). Where the family
+    has classifier-free guidance the negative encodings are cached too, so ``guidance_scale`` may
+    change between calls (FLUX.1-dev's guidance is an embedding, not CFG: there it is passed on).
     """
 
     def __init__(self, pipe: Any, steps: int, guidance_scale: float | None = None, height: int | None = None,
@@ -117,7 +121,7 @@ class ImageGenerator:
         self.height, self.width, self.batch_size = height, width, batch_size
         self.negative_prompt = negative_prompt
         self.pipeline_options = dict(pipeline_options or {})
-        self.cfg = guidance_scale is not None and guidance_scale > 1.0 and self.family.encode is not _encode_flux
+        self.cfg = self.family.has_cfg
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
         self.device = pipe._execution_device
 

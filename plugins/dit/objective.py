@@ -56,6 +56,8 @@ class CalibriOptions:
         for name in ("copies", "time_buckets", "bucket_size", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"objective.options.{name}", f"must be at least 1, got {getattr(self, name)}")
+        if self.validation_seed < 0:
+            raise ConfigError("objective.options.validation_seed", f"must be at least 0, got {self.validation_seed}")
         if self.form == "cfg" and (self.guidance_scale is None or self.guidance_scale == 1.0):
             raise ConfigError("objective.options.guidance_scale", "the cfg form needs the guidance scale it starts from (not 1)")
 
@@ -178,9 +180,8 @@ class CalibriObjective(Objective):
     # -- building blocks (also used by reports and ``calibri evaluate``) -----------------------
     def images(self, params: Params | None, prompts: Sequence[str], seed: int, steps: int | None = None) -> Any:
         """Images for ``params`` (None: the identity calibration) — N×3×H×W in [0, 1]."""
-        if params is None:
-            self.calibrator.reset()
-        else:
+        self.calibrator.reset()  # names a candidate leaves out (e.g. ω when not searched) are at identity
+        if params is not None:
             self.calibrator.set_values(dict(params))
         return self.generator.generate(prompts, seed, steps)
 

@@ -75,13 +75,15 @@ def write_report(run_dir: str | Path, nfe: Sequence[int] = DEFAULT_NFE, guidance
         objective.calibrator.set_values(dict(values))
         save_calibration(objective.calibrator, run_dir / "calibration.json")
         prompts, metadata, seed = held_out(stream)
+        where = ("held-out prompts, fixed seeds" if getattr(stream, "has_validation", False)
+                 else "TRAINING prompts of round 0 (the run has no validation set: gains are overstated)")
         steps = sorted(set(int(s) for s in nfe) | {objective.options.steps})
         variants = ["baseline", "calibrated", *[f"guidance={g:g}" for g in guidance]]
         rows = evaluate(objective, variants, steps, prompts, metadata, seed, calibrated=values)
         write_csv(rows, run_dir / "evaluation.csv")
         table = markdown_table(rows)
         (run_dir / "evaluation.md").write_text(table + "\n", encoding="utf-8")
-        plot_nfe(rows, run_dir / "reward_vs_nfe.png", f"{run_dir.name}: held-out prompts, fixed seeds")
+        plot_nfe(rows, run_dir / "reward_vs_nfe.png", f"{run_dir.name}: {where}")
         plot_curve(run_dir, run_dir / "reward_curve.png")
         pick = np.linspace(0, len(prompts) - 1, min(grid_prompts, len(prompts))).round().astype(int).tolist()
         grid_p = [prompts[i] for i in pick]
@@ -89,7 +91,7 @@ def write_report(run_dir: str | Path, nfe: Sequence[int] = DEFAULT_NFE, guidance
         after = objective.images(values, grid_p, seed)
         plot_grid(grid_p, before, after, run_dir / "grid.png", objective.options.steps)
         match = matching_nfe(rows, at_steps=objective.options.steps)
-        summary = _summary_text(run_dir, config, objective, how, rows, match, table)
+        summary = _summary_text(run_dir, config, objective, how, rows, match, table, where)
         (run_dir / "report.md").write_text(summary, encoding="utf-8")
     finally:
         objective.close()
@@ -98,7 +100,7 @@ def write_report(run_dir: str | Path, nfe: Sequence[int] = DEFAULT_NFE, guidance
 
 
 def _summary_text(run_dir: Path, config: dict[str, Any], objective: Any, how: str, rows: Sequence[Any],
-                  match: int | None, table: str) -> str:
+                  match: int | None, table: str, where: str) -> str:
     best = json.loads((run_dir / "best.json").read_text(encoding="utf-8"))
     opts = objective.options
     n = objective.options.steps
@@ -113,13 +115,13 @@ def _summary_text(run_dir: Path, config: dict[str, Any], objective: Any, how: st
              f"- result: {how}; written to `calibration.json`"]
     if cal is not None and base is not None:
         z = f", {cal.z:.1f} s.e." if cal.z is not None else ""
-        lines.append(f"- held-out reward at NFE {n}: baseline {base.mean:.4f} ± {base.sem:.4f} → calibrated "
+        lines.append(f"- reward at NFE {n} ({where}): baseline {base.mean:.4f} ± {base.sem:.4f} → calibrated "
                      f"{cal.mean:.4f} ± {cal.sem:.4f} (paired difference {cal.diff:+.4f} ± {cal.diff_sem:.4f}{z})")
     if match is not None:
         lines.append(f"- the baseline needs NFE {match} to match the calibrated model at NFE {n}")
     else:
         lines.append(f"- no evaluated NFE of the baseline matches the calibrated model at NFE {n}")
-    lines += ["", "## Baseline vs calibrated across NFE", "", table, "",
+    lines += ["", f"## Baseline vs calibrated across NFE ({where})", "", table, "",
               "![reward vs NFE](reward_vs_nfe.png)", "", "## Training", "", "![reward per round](reward_curve.png)",
               "", "## Images (top: baseline, bottom: calibrated; same prompts and seeds)", "", "![grid](grid.png)", ""]
     return "\n".join(lines)
