@@ -8,16 +8,25 @@ from typing import Any
 from .store import RunStore
 
 
-def plot_convergence(run_dir: str | Path, path: str | Path | None = None) -> Path | None:
-    """Write ``convergence.png`` in the run directory (or ``path``); None without matplotlib."""
+def pyplot(what: str) -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a warning naming ``what``
+    would have been drawn) when matplotlib is not installed: plots are optional extras."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        warnings.warn("calibri: matplotlib is not installed, so no convergence.png "
-                      "(pip install 'calibri[plots]')", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"calibri: matplotlib is not installed, so no {what} "
+                      "(pip install 'calibri[plots]')", RuntimeWarning, stacklevel=3)
+        return None
+    return plt
+
+
+def plot_convergence(run_dir: str | Path, path: str | Path | None = None) -> Path | None:
+    """Write ``convergence.png`` in the run directory (or ``path``); None without matplotlib."""
+    plt = pyplot("convergence.png")
+    if plt is None:
         return None
     store = RunStore(run_dir)
     trials = store.read_trials()

@@ -30,7 +30,7 @@ class Validator:
 
     @staticmethod
     def initial_state() -> dict[str, Any]:
-        return {"count": 0, "baseline": None, "selected": None, "last": None}
+        return {"count": 0, "baseline": None, "selected": None}
 
     def due(self, rounds_done: int, finished: bool) -> bool:
         return self.active and (finished or rounds_done % self.every == 0)  # type: ignore[operator]
@@ -48,11 +48,8 @@ class Validator:
         points = [("recommendation", recommendation)]
         if incumbent is not None and to_jsonable(incumbent) != to_jsonable(recommendation):
             points.append(("incumbent", incumbent))
-        records = self._evaluate(state, executor, points, rounds_done)
-        for record in records:
+        for record in self._evaluate(state, executor, points, rounds_done):
             self._consider(state, record)
-        state["last"] = max((r for r in records if r["value"] is not None),
-                            key=lambda r: -to_loss(r["value"], self.direction), default=None)
 
     def _evaluate(self, state: dict[str, Any], executor: Executor, points: list[tuple[str, Params]],
                   rounds_done: int) -> list[dict[str, Any]]:

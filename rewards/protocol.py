@@ -136,21 +136,22 @@ def decode_header(line: bytes) -> dict[str, Any]:
     layout = header.get("layout", "nhwc")
     if layout not in LAYOUTS:
         raise ProtocolError(400, f"bad JSON header: layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    prompts = header.get("prompts")
-    if prompts is not None:
-        if not isinstance(prompts, list):
-            raise ProtocolError(400, f"bad JSON header: prompts must be a list of strings, got {_json_type(prompts)}")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise ProtocolError(400, f"bad JSON header: prompts[{i}] must be a string, got {_json_type(prompt)}")
-    metadata = header.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, list):
-            raise ProtocolError(400, f"bad JSON header: metadata must be a list of objects, got {_json_type(metadata)}")
-        for i, entry in enumerate(metadata):
-            if not isinstance(entry, dict):
-                raise ProtocolError(400, f"bad JSON header: metadata[{i}] must be an object, got {_json_type(entry)}")
+    prompts = _list_of(header, "prompts", str, "strings", "a string")
+    metadata = _list_of(header, "metadata", dict, "objects", "an object")
     return {"layout": layout, "prompts": prompts, "metadata": metadata}
+
+
+def _list_of(header: dict[str, Any], key: str, kind: type, plural: str, singular: str) -> list[Any] | None:
+    """``header[key]``: absent, or a list whose every item is a ``kind``; 400 naming the item."""
+    value = header.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ProtocolError(400, f"bad JSON header: {key} must be a list of {plural}, got {_json_type(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, kind):
+            raise ProtocolError(400, f"bad JSON header: {key}[{i}] must be {singular}, got {_json_type(item)}")
+    return value
 
 
 def _json_type(value: Any) -> str:

@@ -18,11 +18,11 @@ from .config import BenchConfig
 
 
 def _plt():
-    import matplotlib
+    from calibri.core.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("bench plots")
+    if plt is None:
+        raise ImportError("calibri bench draws its report with matplotlib: pip install 'calibri[bench]'")
     return plt
 
 

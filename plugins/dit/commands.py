@@ -162,27 +162,26 @@ def _evaluation_target(path, model, reward, device, prompts, seed):
 
     from calibri.core.errors import UserError
 
-    from .objective import CalibriObjective, CalibriOptions, calibri_stream
+    from .calibration_file import check_fits, load_calibration
+    from .models import SHIPPED_MODELS, resolve_model
+    from .objective import CalibriObjective, CalibriOptions
     from .prompts import load_prompts
-    from .report import held_out, load_run_objective, selected_values
+    from .report import held_out, load_run_objective, run_best, selected_values
 
     if path.is_dir():
         if not (path / "config.yaml").exists():
             raise UserError(f"{path}: not a calibri run directory (no config.yaml)")
-        values, _ = selected_values(path)
+        values, _ = selected_values(run_best(path))
         objective, stream, _ = load_run_objective(path, device)
         if prompts is None and not getattr(stream, "has_validation", False):
             objective.close()
             raise UserError(f"--prompts: {path} has no validation prompts; give held-out prompts to evaluate on")
         texts, metadata, image_seed = held_out(stream)
     else:
-        from .calibration_file import load_calibration
-
         document = load_calibration(path)
         name = model or document.get("model", {}).get("name_or_path") or ""
         if not name:
             raise UserError(f"{path}: the file names no model; give --model")
-        from .models import SHIPPED_MODELS, resolve_model
 
         is_toy = name in SHIPPED_MODELS or Path(name).resolve() == Path(resolve_model("toy")).resolve()
         if reward is None and not is_toy:
@@ -194,16 +193,16 @@ def _evaluation_target(path, model, reward, device, prompts, seed):
         if prompts is None and not is_toy:
             raise UserError("--prompts: give the held-out prompts to evaluate on")
         objective = CalibriObjective(options)
-        from .calibration_file import check_fits
-
         try:
             check_fits(objective.calibrator, document, path)
         except Exception:
             objective.close()
             raise
         values = {k: float(v) for k, v in document["values"].items()}
-        stream = calibri_stream(0, **{"prompts": options.prompts, "validation_prompts": options.validation_prompts})
-        texts, metadata, image_seed = held_out(stream)
+        image_seed = options.validation_seed
+        if prompts is None:  # the toy model: its shipped held-out prompts
+            shipped = load_prompts(options.validation_prompts, "--prompts")
+            texts, metadata = list(shipped.prompts), list(shipped.metadata)
     if prompts is not None:
         chosen = load_prompts(prompts, "--prompts")
         texts, metadata = list(chosen.prompts), list(chosen.metadata)

@@ -137,12 +137,10 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 
 def plot_nfe(rows: Sequence[Row], path: Path, title: str = "reward vs NFE") -> Path | None:
-    try:
-        import matplotlib
+    from calibri.core.report import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(path.name)
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
     for variant in dict.fromkeys(r.variant for r in rows):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,48 +23,55 @@ from .prompts import image_seed
 
 @dataclass(frozen=True)
 class Family:
-    """How to encode prompts and pass guidance for one kind of pipeline."""
+    """How to encode prompts and pass guidance for one kind of pipeline.
 
-    encode: Callable[[Any, str, torch.device, bool, str | None], dict[str, torch.Tensor]]
+    ``encode(pipe, prompt, device)`` returns the pipeline keyword arguments of one prompt's
+    encoding. Where the family has classifier-free guidance, ``negatives`` renames those of the
+    negative prompt's encoding into the pipeline's negative arguments: the negative prompt is
+    encoded once, the same way as any prompt, and shared by every image.
+    """
+
+    encode: Callable[[Any, str, torch.device], dict[str, torch.Tensor]]
     guidance_argument: str
+    negatives: Mapping[str, str] = field(default_factory=dict)
+    default_negative: str = ""
     #: Names of tensors that are per-token masks (padded with zeros when prompts differ in length).
     masks: tuple[str, ...] = ()
-    #: Whether the family has classifier-free guidance (then the negative encodings are always
-    #: cached, so any guidance scale — the pipeline's default included — can be used later).
-    has_cfg: bool = True
+
+    @property
+    def has_cfg(self) -> bool:
+        return bool(self.negatives)
 
 
-def _encode_sd3(pipe: Any, prompt: str, device: torch.device, cfg: bool, negative: str | None) -> dict[str, torch.Tensor]:
-    kwargs: dict[str, Any] = {"prompt": prompt, "device": device, "do_classifier_free_guidance": cfg,
-                              "negative_prompt": negative}
+def _encode_sd3(pipe: Any, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
+    kwargs: dict[str, Any] = {"prompt": prompt, "device": device, "do_classifier_free_guidance": False}
     if "prompt_2" in _parameters(pipe.encode_prompt):
         kwargs.update(prompt_2=None, prompt_3=None)
-    embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(**kwargs)
-    out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-    if cfg:
-        out.update(negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled)
-    return out
+    embeds, _, pooled, _ = pipe.encode_prompt(**kwargs)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 
-def _encode_flux(pipe: Any, prompt: str, device: torch.device, cfg: bool, negative: str | None) -> dict[str, torch.Tensor]:
+def _encode_flux(pipe: Any, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
     embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device)
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 
-def _encode_qwen(pipe: Any, prompt: str, device: torch.device, cfg: bool, negative: str | None) -> dict[str, torch.Tensor]:
+def _encode_qwen(pipe: Any, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
     embeds, mask = pipe.encode_prompt(prompt=prompt, device=device)
-    out = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
-    if cfg:
-        neg, neg_mask = pipe.encode_prompt(prompt=negative if negative is not None else " ", device=device)
-        out.update(negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask)
-    return out
+    if mask is None:  # None means "no padding": make it explicit so prompts of any length batch
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
 
+_SD3_NEGATIVES = {"prompt_embeds": "negative_prompt_embeds", "pooled_prompt_embeds": "negative_pooled_prompt_embeds"}
 FAMILIES: dict[str, Family] = {
-    "StableDiffusion3Pipeline": Family(_encode_sd3, "guidance_scale"),
-    "ToyFlowPipeline": Family(_encode_sd3, "guidance_scale"),
-    "FluxPipeline": Family(_encode_flux, "guidance_scale", has_cfg=False),
-    "QwenImagePipeline": Family(_encode_qwen, "true_cfg_scale", masks=("prompt_embeds_mask", "negative_prompt_embeds_mask")),
+    "StableDiffusion3Pipeline": Family(_encode_sd3, "guidance_scale", _SD3_NEGATIVES),
+    "ToyFlowPipeline": Family(_encode_sd3, "guidance_scale", _SD3_NEGATIVES),
+    "FluxPipeline": Family(_encode_flux, "guidance_scale"),
+    "QwenImagePipeline": Family(_encode_qwen, "true_cfg_scale",
+                                {"prompt_embeds": "negative_prompt_embeds",
+                                 "prompt_embeds_mask": "negative_prompt_embeds_mask"},
+                                default_negative=" ", masks=("prompt_embeds_mask", "negative_prompt_embeds_mask")),
 }
 
 
@@ -121,9 +128,14 @@ class ImageGenerator:
         self.height, self.width, self.batch_size = height, width, batch_size
         self.negative_prompt = negative_prompt
         self.pipeline_options = dict(pipeline_options or {})
-        self.cfg = self.family.has_cfg
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
         self.device = pipe._execution_device
+        self._negative: dict[str, torch.Tensor] = {}
+        if self.family.has_cfg:
+            with torch.no_grad():
+                encoded = self.family.encode(pipe, negative_prompt if negative_prompt is not None
+                                             else self.family.default_negative, self.device)
+            self._negative = {self.family.negatives[key]: value for key, value in encoded.items()}
 
     # -- prompts ----------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> None:
@@ -131,12 +143,7 @@ class ImageGenerator:
         with torch.no_grad():
             for prompt in prompts:
                 if prompt not in self._cache:
-                    encoded = self.family.encode(self.pipe, prompt, self.device, self.cfg, self.negative_prompt)
-                    for mask in self.family.masks:  # None means "no padding": make it explicit for batching
-                        embeds = encoded.get(mask.replace("_mask", ""))
-                        if mask in encoded and encoded[mask] is None and embeds is not None:
-                            encoded[mask] = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-                    self._cache[prompt] = encoded
+                    self._cache[prompt] = self.family.encode(self.pipe, prompt, self.device)
 
     @property
     def encoded(self) -> int:
@@ -149,7 +156,8 @@ class ImageGenerator:
                 component.to("cpu")
 
     def _batched(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        encodings = [self._cache[p] for p in prompts]
+        """The chunk's cached encodings as batch tensors, with the negative one repeated."""
+        encodings = [{**self._cache[p], **self._negative} for p in prompts]
         out = {}
         for key in encodings[0]:
             tensors = [e[key] for e in encodings]

@@ -109,6 +109,7 @@ class PromptStream:
                  validation_seed: int = 0) -> None:
         self.train, self.bucket_size, self.seed = train, bucket_size, seed
         self.validation, self.validation_seed = validation, validation_seed
+        self._cache: tuple[int, np.ndarray] | None = None  # the current epoch's permutation
 
     def indices(self, round_index: int) -> list[int]:
         n = len(self.train)
@@ -120,7 +121,7 @@ class PromptStream:
         return out
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        cache = getattr(self, "_cache", None)
+        cache = self._cache
         if cache is None or cache[0] != epoch:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, 7919, epoch]))
             cache = (epoch, rng.permutation(len(self.train)))

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from calibri.core.errors import UserError
+from calibri.core.report import pyplot
 from calibri.core.space import Params
 
 DEFAULT_NFE = (2, 4, 8, 16)
@@ -43,11 +44,18 @@ def load_run_objective(run_dir: Path, device: str | None = None) -> tuple[Any, A
     return objective, stream, config.model_dump()
 
 
-def selected_values(run_dir: Path) -> tuple[Params, str]:
-    """The run's result: the best point on validation, else the optimiser's recommendation."""
-    best = json.loads((run_dir / "best.json").read_text(encoding="utf-8")) if (run_dir / "best.json").exists() else None
+def run_best(run_dir: Path) -> dict[str, Any]:
+    """The run's best.json; a one-line error before the first round has finished."""
+    from calibri.core.store import RunStore
+
+    best = RunStore(run_dir).read_best()
     if best is None:
         raise UserError(f"{run_dir}: no best.json yet (has the run finished a round?)")
+    return best
+
+
+def selected_values(best: dict[str, Any]) -> tuple[Params, str]:
+    """The run's result: the best point on validation, else the optimiser's recommendation."""
     selected = (best.get("validation") or {}).get("selected")
     if selected:
         return selected["params"], f"best on validation ({selected['source']} after round {selected['after_round']})"
@@ -71,7 +79,8 @@ def write_report(run_dir: str | Path, nfe: Sequence[int] = DEFAULT_NFE, guidance
     started = time.monotonic()
     objective, stream, config = load_run_objective(run_dir, device)
     try:
-        values, how = selected_values(run_dir)
+        best = run_best(run_dir)
+        values, how = selected_values(best)
         objective.calibrator.set_values(dict(values))
         save_calibration(objective.calibrator, run_dir / "calibration.json")
         prompts, metadata, seed = held_out(stream)
@@ -91,7 +100,7 @@ def write_report(run_dir: str | Path, nfe: Sequence[int] = DEFAULT_NFE, guidance
         after = objective.images(values, grid_p, seed)
         plot_grid(grid_p, before, after, run_dir / "grid.png", objective.options.steps)
         match = matching_nfe(rows, at_steps=objective.options.steps)
-        summary = _summary_text(run_dir, config, objective, how, rows, match, table, where)
+        summary = _summary_text(run_dir, best, config, objective, how, rows, match, table, where)
         (run_dir / "report.md").write_text(summary, encoding="utf-8")
     finally:
         objective.close()
@@ -99,9 +108,8 @@ def write_report(run_dir: str | Path, nfe: Sequence[int] = DEFAULT_NFE, guidance
     return run_dir / "report.md"
 
 
-def _summary_text(run_dir: Path, config: dict[str, Any], objective: Any, how: str, rows: Sequence[Any],
-                  match: int | None, table: str, where: str) -> str:
-    best = json.loads((run_dir / "best.json").read_text(encoding="utf-8"))
+def _summary_text(run_dir: Path, best: dict[str, Any], config: dict[str, Any], objective: Any, how: str,
+                  rows: Sequence[Any], match: int | None, table: str, where: str) -> str:
     opts = objective.options
     n = objective.options.steps
     own = {(r.variant, r.steps): r for r in rows}
@@ -128,12 +136,8 @@ def _summary_text(run_dir: Path, config: dict[str, Any], objective: Any, how: st
 
 
 def plot_curve(run_dir: Path, path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(path.name)
+    if plt is None:
         return None
     from calibri.core.store import RunStore
 
@@ -166,12 +170,8 @@ def plot_curve(run_dir: Path, path: Path) -> Path | None:
 
 
 def plot_grid(prompts: Sequence[str], before: Any, after: Any, path: Path, steps: int) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(path.name)
+    if plt is None:
         return None
     n = len(prompts)
     fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.9), dpi=110, squeeze=False)
