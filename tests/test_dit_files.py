@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,6 +45,13 @@ def _run(model, inputs):
 
 def _hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _file_digests(folder) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 def _close(a, b, rel=1e-5) -> bool:
@@ -331,6 +339,7 @@ def test_bake_command_writes_a_plain_diffusers_model(tmp_path, calibri_cli, layo
     plain = _run(model, inputs)
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir / "transformer" if layout == "pipeline folder" else model_dir)
+    source_digests = _file_digests(model_dir)
     calibrator = _calibrated(model, "layer", seed=3)
     calibrated = _run(model, inputs)
     calibration = save_calibration(calibrator, tmp_path / "calibration.json")
@@ -348,10 +357,9 @@ def test_bake_command_writes_a_plain_diffusers_model(tmp_path, calibri_cli, layo
     out = _run(loaded, inputs)
     assert _close(out, calibrated, 1e-5)
     assert not _close(out, plain, 1e-3)
-    # the source folder is untouched
-    source = diffusers.FluxTransformer2DModel.from_pretrained(
-        model_dir / "transformer" if layout == "pipeline folder" else model_dir).eval()
-    assert torch.equal(_run(source, inputs), plain)
+    # the source folder is untouched: calibri promises that byte for byte (a reloaded model's
+    # outputs are not bit-exact across diffusers versions, its files are)
+    assert _file_digests(model_dir) == source_digests
 
 
 def test_bake_command_errors_are_one_line(tmp_path, calibri_cli):

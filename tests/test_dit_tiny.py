@@ -52,6 +52,15 @@ def _forward(model, **kwargs):
         return model(**tiny.dummy_transformer_inputs(model, **kwargs))[0]
 
 
+# A save_pretrained/from_pretrained round trip keeps every weight bit for bit, but diffusers does not
+# promise bit-identical *outputs*: the reloaded model's tensors may take other kernels and
+# summation orders (seen: ~4e-7 on outputs of magnitude ~2 in float32). So outputs after a round
+# trip are compared to float32 rounding, with a tolerance 100x above that and far below any real
+# difference (a changed weight or scale moves outputs by >1e-3); exactness stays where calibri
+# promises it (reruns, rebuilds from a seed, identity calibration).
+ROUND_TRIP_RTOL, ROUND_TRIP_ATOL = 1e-5, 1e-5
+
+
 def _same_weights(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -116,7 +125,7 @@ def test_transformer_save_load_round_trip(name, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
     assert _same_weights(model, loaded)
-    assert torch.equal(_forward(model), _forward(loaded))
+    torch.testing.assert_close(_forward(loaded), _forward(model), rtol=ROUND_TRIP_RTOL, atol=ROUND_TRIP_ATOL)
 
 
 def test_medium_flux_size():
@@ -235,4 +244,5 @@ def test_pipeline_save_load_round_trip(name, pipes, tmp_path):
     loaded = PIPELINES[name][1].from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     assert loaded.tokenizer.model_max_length == pipe.tokenizer.model_max_length
-    np.testing.assert_array_equal(_generate(pipe, UNICODE_PROMPT), _generate(loaded, UNICODE_PROMPT))
+    np.testing.assert_allclose(_generate(loaded, UNICODE_PROMPT), _generate(pipe, UNICODE_PROMPT),
+                               rtol=ROUND_TRIP_RTOL, atol=ROUND_TRIP_ATOL)
