@@ -38,9 +38,15 @@ def slow_sphere(params: Params) -> float:
     return _sphere(params)
 
 
+HOLD_FILE = "hold-round-0"
+
+
 def slow_first_round(params: Params, ctx: RoundContext) -> float:
-    """Slow only in round 0, so a run can be killed before its first checkpoint."""
-    time.sleep(0.15 if ctx.round == 0 else 0.001)
+    """Round 0 waits while a file ``hold-round-0`` exists in the working directory (at most 60 s),
+    so a test can kill a run before its first checkpoint however busy the machine is."""
+    deadline = time.monotonic() + 60
+    while ctx.round == 0 and os.path.exists(HOLD_FILE) and time.monotonic() < deadline:
+        time.sleep(0.005)
     return _sphere(params)
 
 

@@ -106,19 +106,28 @@ def test_the_toy_demo_config_validates():
 
 
 def test_the_main_job_runs_end_to_end_on_the_shipped_model(cli, tmp_path):
-    """`make demo`'s command, shortened: the shipped toy model, its prompt sets and oracle."""
+    """`make demo`'s command on a budget of seconds: the shipped toy model, its calibration prompts
+    and oracle, one round, validation on every 10th held-out prompt. (The full demo's time is a
+    benchmark's business, not a test's: tests must pass on a busy machine.)"""
+    import re
+    from importlib import resources
     from pathlib import Path
 
+    rows = resources.files("calibri.plugins.toy").joinpath("data/validation.jsonl").read_text().splitlines()
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_text("\n".join(rows[::10]) + "\n")
     config = Path(__file__).resolve().parent.parent / "examples" / "toy.yaml"
-    result = cli("run", config, "-o", tmp_path / "demo", "--quiet", "budget.rounds=2", "objective.options.bucket_size=4",
-                 "validation.every=1", "callbacks=[plot, {name: calibration_report, options: {nfe: [2], grid_prompts: 2}}]",
-                 timeout=300)
+    result = cli("run", config, "-o", tmp_path / "demo", "--quiet", "budget.rounds=1", "optimizer.popsize=4",
+                 "objective.options.bucket_size=4", f"objective.options.validation_prompts={held_out}",
+                 "validation.every=1", "callbacks=[plot, {name: calibration_report, options: {nfe: [4], grid_prompts: 2}}]",
+                 timeout=600)
     assert result.returncode == 0, result.stderr
+    assert len((tmp_path / "demo" / "trials.jsonl").read_text().splitlines()) == 4
     report = (tmp_path / "demo" / "report.md").read_text()
-    import re
-
     baseline = float(re.search(r"reward at NFE 4 \(held-out prompts, fixed seeds\): baseline ([0-9.]+)", report).group(1))
-    assert abs(baseline - 0.751) < 0.01  # the shipped model's measured baseline (README table)
+    # The shipped model is the trained one: an untrained toy DiT scores ~0 on the oracle, the trained
+    # one ~0.75 on the whole held-out set at NFE 4 (README table); 8 prompts are noisier than 80.
+    assert 0.5 < baseline <= 1.0
     assert (tmp_path / "demo" / "grid.png").is_file() and (tmp_path / "demo" / "convergence.png").is_file()
 
 

@@ -105,6 +105,8 @@ def newest_checkpoint(run_dir: Path) -> dict | None:
     return load_pickle(files[-1]) if files else None
 
 
+from helpers_objectives import HOLD_FILE  # noqa: E402  (tests/ is on sys.path under pytest)
+
 # -- children: the calibri command in a forked process, killed with SIGKILL --------------------
 _FORK = multiprocessing.get_context("fork")
 
@@ -202,14 +204,15 @@ def test_kill_before_first_checkpoint_starts_over(tmp_path, cli_inproc):
                        function="helpers_objectives:slow_first_round", with_context=True)
     assert cli_inproc("run", cfg, "-o", "A", "--quiet").returncode == 0
     run_b = tmp_path / "B"
+    (tmp_path / HOLD_FILE).touch()  # round 0 of run B waits until it is killed
     proc = start_child(tmp_path, "run", cfg, "-o", "B", "--quiet")
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while not (run_b / "optimizer" / "optuna.journal").exists():  # the study exists: round 0 started
         assert proc.is_alive() and time.monotonic() < deadline
         time.sleep(0.001)
-    time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.join(10)
+    (tmp_path / HOLD_FILE).unlink()
     assert proc.exitcode == -signal.SIGKILL
     assert newest_checkpoint(run_b) is None
     assert (run_b / "config.yaml").exists()
