@@ -68,6 +68,8 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
 
+    on_run_interrupted = on_run_end
+
 
 @hookimpl
 def calibri_register_callbacks(register):

@@ -2,6 +2,7 @@
 built-in ones included. User mistakes print one line and exit 2; tracebacks are for bugs."""
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -43,8 +44,18 @@ def build_cli() -> click.Group:
     return cli
 
 
+def importable_working_directory() -> None:
+    """Let modules in the working directory import, as ``python -m`` does: a user's
+    ``function: mymodule:loss`` or ``plugins: [mymodule]`` usually lives there. Appended, so a
+    stray file cannot shadow an installed package; process workers inherit ``sys.path``."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
 def main(argv: list[str] | None = None) -> None:
     warnings.formatwarning = _format_warning
+    importable_working_directory()
     try:
         cli = build_cli()
     except CalibriError as exc:

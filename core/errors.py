@@ -1,6 +1,10 @@
 """Errors the CLI turns into a one-line message and exit status 2 (user mistakes) or 1 (run failures)."""
 from __future__ import annotations
 
+#: Appended to "cannot import module" errors: where the ``calibri`` command looks for modules.
+IMPORT_HINT = ("modules are imported from the working directory, PYTHONPATH and installed packages; "
+               "run calibri from the folder that holds the module, or add it to PYTHONPATH")
+
 
 class CalibriError(Exception):
     """Base class. ``exit_code`` is what the CLI exits with; the message is shown on one line."""

@@ -70,3 +70,5 @@ class ConvergencePlot:
     def on_run_end(self, summary: Any) -> None:
         if self._run_dir is not None:
             plot_convergence(self._run_dir)
+
+    on_run_interrupted = on_run_end  # Ctrl-C: the curve up to the newest checkpoint

@@ -7,11 +7,13 @@ exactly the trajectory of an uninterrupted one, whatever the number of workers.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import platform
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -22,7 +24,7 @@ import numpy as np
 
 from .callbacks import RoundRecord, RunInfo
 from .config import RunConfig, dump_config, validate
-from .errors import ConfigError, RunFailed, RunInterrupted
+from .errors import IMPORT_HINT, CalibriError, ConfigError, PluginError, RunFailed, RunInterrupted
 from .executor import Executor, ObjectiveRecipe
 from .objective import RoundContext, to_loss
 from .optimizer import Optimizer, OptimizerSettings
@@ -80,8 +82,9 @@ def plan(config: RunConfig) -> Plan:
         try:
             importlib.import_module(module_name)
         except Exception as exc:
+            hint = f" ({IMPORT_HINT})" if isinstance(exc, ModuleNotFoundError) else ""
             raise ConfigError(f"plugins.{i}", f"cannot import plugin module {module_name!r}: "
-                                              f"{type(exc).__name__}: {exc}") from None
+                                              f"{type(exc).__name__}: {exc}{hint}") from None
     registry = add_plugin_modules(*config.plugins) if config.plugins else get_registry()
     objective = registry.get("objectives", config.objective.name, "objective.name")
     objective_options = validate_options(objective.factory, config.objective.options, "objective.options",
@@ -102,6 +105,9 @@ def plan(config: RunConfig) -> Plan:
     space = resolve_space(config, objective, objective_options)
     if space is not None:
         check_space(space, optimizer)
+        # Build the optimiser once, without a run directory, so that a mistake in its options
+        # (nested ones included) is reported now, before the objective is loaded.
+        build_optimizer(optimizer, optimizer_options, space, config, workdir=None)
     recipe = ObjectiveRecipe(config.objective.name, objective_options, tuple(config.plugins))
     return Plan(config, objective, optimizer, executor, callbacks, recipe, space, optimizer_options,
                 executor_options)
@@ -128,6 +134,21 @@ def resolve_space(config: RunConfig, objective: Registration, objective_options:
     return None
 
 
+def build_optimizer(registration: Registration, options: dict[str, Any], space: Space, config: RunConfig,
+                    workdir: Path | None) -> Optimizer:
+    """The configured optimiser on ``space``. Whatever its constructor rejects is a config error:
+    the options are the user's, and this runs before the first evaluation."""
+    settings = OptimizerSettings(seed=config.seed, sigma=config.optimizer.sigma, popsize=config.optimizer.popsize,
+                                 workdir=workdir)
+    try:
+        return build_from(registration, registration.factory, space, settings, **options)
+    except CalibriError:
+        raise
+    except Exception as exc:
+        raise ConfigError("optimizer", f"{registration.name!r} rejects this configuration: "
+                                       f"{type(exc).__name__}: {exc}") from None
+
+
 def check_space(space: Space, optimizer: Registration) -> None:
     kinds = optimizer.extras.get("kinds") or getattr(optimizer.factory, "kinds", None) or {"float", "int"}
     space.check_kinds(kinds, f"optimizer {optimizer.name!r}")
@@ -140,12 +161,6 @@ class Runner:
         self.plan = plan_
         self.config = plan_.config
         self.store = store
-
-    def _build_optimizer(self, space: Space) -> Optimizer:
-        reg = self.plan.optimizer
-        settings = OptimizerSettings(seed=self.config.seed, sigma=self.config.optimizer.sigma,
-                                     popsize=self.config.optimizer.popsize, workdir=self.store.optimizer_dir)
-        return build_from(reg, reg.factory, space, settings, **self.plan.optimizer_options)
 
     def _build_executor(self) -> Executor:
         reg = self.plan.executor
@@ -180,11 +195,14 @@ class Runner:
                 raise ConfigError("space", f"objective {config.objective.name!r} defines no space; give one under space:")
             if self.plan.space is None:
                 check_space(space, self.plan.optimizer)
+            if self.plan.space is None:  # not built by plan(): check the options before creating anything
+                build_optimizer(self.plan.optimizer, self.plan.optimizer_options, space, config, workdir=None)
+            stream = self._build_stream()
             if create is not None:
                 create()
             direction = info.direction
-            optimizer = self._build_optimizer(space)
-            stream = self._build_stream()
+            optimizer = build_optimizer(self.plan.optimizer, self.plan.optimizer_options, space, config,
+                                        workdir=store.optimizer_dir)
             validator = Validator(stream, config.validation.every, store, direction)
             state = store.load_checkpoint() if resume else None
             if state is not None:
@@ -207,32 +225,40 @@ class Runner:
                 _call(cb, "on_run_start", RunInfo(str(store.path), direction, state["round"], budget.rounds,
                                                   budget.evaluations, resume))
             started = time.monotonic() - state["elapsed"]
-            validator.baseline(state["validation"], executor, space)
-            best_pending, best_written = False, -float("inf")
-            while not self._done(state, started):
-                self._one_round(state, executor, optimizer, stream, space, direction)
-                state["elapsed"] = time.monotonic() - started
-                state["finished"] = self._done(state, started)
-                if validator.due(state["round"], state["finished"]):
-                    incumbent = space.from_json(json.dumps(state["best"]["params"])) if state["best"] else None
-                    validator.validate(state["validation"], executor, state["round"], optimizer.recommend(), incumbent)
-                store.save_checkpoint({**state, "optimizer": optimizer.state_dict(),
-                                       "stream": stream.state_dict() if stream is not None else None,
-                                       "rng": {"python": random.getstate(), "numpy": np.random.get_state()}})
-                best_pending = best_pending or state["best_changed"]
-                if state["finished"] or (best_pending and time.monotonic() - best_written >= BEST_JSON_INTERVAL):
-                    store.write_best(self._best_json(state, optimizer, space, direction))
-                    best_pending, best_written = False, time.monotonic()
-                selected = state["validation"]["selected"]
-                record = RoundRecord(state["round"] - 1, state["n_evals"], state["n_failed"],
-                                     state["round_best"], state["best"]["value"] if state["best"] else None,
-                                     state["elapsed"], selected["value"] if selected else None)
-                for cb in callbacks:
-                    _call(cb, "on_round_end", record)
-                if state["n_failed"] > config.max_failure_rate * state["n_evals"]:
-                    store.write_best(self._best_json(state, optimizer, space, direction))
-                    raise RunFailed(f"{state['n_failed']} of {state['n_evals']} evaluations failed, more than "
-                                    f"max_failure_rate={config.max_failure_rate:g}; last error: {state['last_error']}")
+            saved = copy.deepcopy(state)  # the state as of the newest checkpoint
+            try:
+                validator.baseline(state["validation"], executor, space)
+                best_pending, best_written = False, -float("inf")
+                while not self._done(state, started):
+                    self._one_round(state, executor, optimizer, stream, space, direction)
+                    state["elapsed"] = time.monotonic() - started
+                    state["finished"] = self._done(state, started)
+                    if validator.due(state["round"], state["finished"]):
+                        incumbent = space.from_json(json.dumps(state["best"]["params"])) if state["best"] else None
+                        validator.validate(state["validation"], executor, state["round"], optimizer.recommend(),
+                                           incumbent)
+                    store.save_checkpoint({**state, "optimizer": optimizer.state_dict(),
+                                           "stream": stream.state_dict() if stream is not None else None,
+                                           "rng": {"python": random.getstate(), "numpy": np.random.get_state()}})
+                    saved = copy.deepcopy(state)
+                    best_pending = best_pending or state["best_changed"]
+                    if state["finished"] or (best_pending and time.monotonic() - best_written >= BEST_JSON_INTERVAL):
+                        store.write_best(self._best_json(state, optimizer, space, direction))
+                        best_pending, best_written = False, time.monotonic()
+                    selected = state["validation"]["selected"]
+                    record = RoundRecord(state["round"] - 1, state["n_evals"], state["n_failed"],
+                                         state["round_best"], state["best"]["value"] if state["best"] else None,
+                                         state["elapsed"], selected["value"] if selected else None)
+                    for cb in callbacks:
+                        _call(cb, "on_round_end", record)
+                    if state["n_failed"] > config.max_failure_rate * state["n_evals"]:
+                        store.write_best(self._best_json(state, optimizer, space, direction))
+                        raise RunFailed(f"{state['n_failed']} of {state['n_evals']} evaluations failed, more than "
+                                        f"max_failure_rate={config.max_failure_rate:g}; last error: "
+                                        f"{state['last_error']}")
+            except KeyboardInterrupt:
+                self._interrupted(saved, optimizer, space, direction, callbacks)
+                raise
             state["finished"] = True  # also when resumed after a kill that came before best.json
             store.write_best(self._best_json(state, optimizer, space, direction))
             summary = self._summary(state, optimizer, space, direction)
@@ -240,6 +266,27 @@ class Runner:
         for cb in callbacks:
             _call(cb, "on_run_end", summary)
         return summary
+
+    def _interrupted(self, saved: dict[str, Any], optimizer: Optimizer, space: Space, direction: str,
+                     callbacks: list[Any]) -> None:
+        """Ctrl-C: bring best.json up to the newest checkpoint (it may lag by many rounds) and
+        let callbacks draw what they draw at the end (``on_run_interrupted``). Best effort: a
+        failure here must not hide the interrupt."""
+        if saved["round"] == 0 and saved["validation"]["count"] == 0:
+            return
+        try:
+            summary = self._summary(saved, optimizer, space, direction)
+            self.store.write_best({k: v for k, v in summary.items() if k != "run_dir"})
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"calibri: best.json not updated after the interrupt: {type(exc).__name__}: {exc}",
+                          RuntimeWarning, stacklevel=2)
+            return
+        for cb in callbacks:
+            try:
+                _call(cb, "on_run_interrupted", summary)
+            except Exception as exc:  # noqa: BLE001
+                warnings.warn(f"calibri: callback {type(cb).__name__} failed after the interrupt: "
+                              f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
 
     def _done(self, state: dict[str, Any], started: float) -> bool:
         budget = self.config.budget
@@ -257,10 +304,12 @@ class Runner:
         data = stream.next_round(index) if stream is not None else {}
         ctx = RoundContext(round=index, seed=round_seed(self.config.seed, index), data=data)
         candidates = optimizer.ask(n)
+        if len(candidates) != n:
+            raise PluginError(f"optimizer {self.plan.optimizer.name!r} returned {len(candidates)} candidates "
+                              f"when asked for {n} (round {index})")
         results = executor.evaluate(candidates, ctx)
         records, losses = [], []
-        round_best = None
-        state["best_changed"] = False
+        round_best, best, n_failed, last_error = None, state["best"], state["n_failed"], state["last_error"]
         for offset, (params, result) in enumerate(zip(candidates, results)):
             candidate_id = state["n_evals"] + offset
             records.append({"round": index, "candidate": candidate_id, "params": to_jsonable(params),
@@ -271,20 +320,18 @@ class Runner:
                 losses.append(to_loss(result.value, direction))
                 if round_best is None or to_loss(result.value, direction) < to_loss(round_best, direction):
                     round_best = result.value
-                best = state["best"]
                 if best is None or to_loss(result.value, direction) < to_loss(best["value"], direction):
-                    state["best"] = {"value": result.value, "params": to_jsonable(params), "round": index,
-                                     "candidate": candidate_id}
-                    state["best_changed"] = True
+                    best = {"value": result.value, "params": to_jsonable(params), "round": index,
+                            "candidate": candidate_id}
             else:
                 losses.append(None)
-                state["n_failed"] += 1
-                state["last_error"] = result.error
+                n_failed, last_error = n_failed + 1, result.error
         self.store.append_trials(records)
         optimizer.tell(candidates, losses)
-        state["round"] = index + 1
-        state["n_evals"] += len(candidates)
-        state["round_best"] = round_best
+        # the round's outcome enters the state in one step, after the trials are written and told
+        state.update({"round": index + 1, "n_evals": state["n_evals"] + len(candidates), "n_failed": n_failed,
+                      "last_error": last_error, "round_best": round_best, "best_changed": best is not state["best"],
+                      "best": best})
 
     def _best_json(self, state: dict[str, Any], optimizer: Optimizer, space: Space, direction: str) -> dict[str, Any]:
         """best.json's content; its counts say how far the run was when it was written."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from calibri.core.hookspecs import hookimpl
 from calibri.core.optimizer import Optimizer, OptimizerSettings
+from calibri.core.options import validate_options
 from calibri.core.space import Categorical, Float, Params, Space
 
 SamplerName = Literal["tpe", "cmaes", "gp", "random", "qmc"]
@@ -98,11 +99,21 @@ class OptunaOptimizer(Optimizer):
         self._pending: list[Any] = []
 
     # -- construction ---------------------------------------------------------------------
+    def _checked_sampler_options(self) -> dict[str, Any]:
+        """``sampler_options`` checked against the sampler's constructor: an unknown or mistyped
+        key is a one-line config error naming it, not a traceback from deep inside optuna."""
+        import optuna.samplers as s
+
+        sampler_class = {"tpe": s.TPESampler, "random": s.RandomSampler, "qmc": s.QMCSampler, "gp": s.GPSampler,
+                         "cmaes": s.CmaEsSampler}[self.sampler_name]
+        return validate_options(sampler_class, self._sampler_options, "optimizer.options.sampler_options",
+                                reserved=("seed",))
+
     def _make_sampler(self) -> Any:
         import optuna.samplers as s
 
         seed = self.settings.seed % 2**32
-        opts = dict(self._sampler_options)
+        opts = self._checked_sampler_options()
         if self.sampler_name == "tpe":
             return s.TPESampler(seed=seed, **opts)
         if self.sampler_name == "random":

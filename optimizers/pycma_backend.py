@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from calibri.core.errors import ConfigError
 from calibri.core.hookspecs import hookimpl
 from calibri.core.optimizer import FailurePenalty, Optimizer, OptimizerSettings
 from calibri.core.space import Params, Space
@@ -40,6 +41,10 @@ class PycmaCMA(Optimizer):
         }
         if len(space) == 1:  # pycma fails on a bounded 1-d space once σ exceeds a third of the range
             options["maxstd_boundrange"] = np.inf
+        unknown = sorted(set(cma_options or {}) - set(cma.CMAOptions()))
+        if unknown:
+            raise ConfigError(f"optimizer.options.cma_options.{unknown[0]}",
+                              "unknown pycma option (the known ones: python -c 'import cma; print(cma.CMAOptions())')")
         options.update(cma_options or {})
         self.es = cma.CMAEvolutionStrategy(list(space.search_x0()), 1.0, options)
         # Inject x0 in pycma's genotype, so that an x0 lying on a bound is told where it really is.

@@ -22,6 +22,7 @@ import numpy as np
 from calibri.core.hookspecs import hookimpl
 from calibri.core.objective import EvalResult, Objective, RoundContext
 from calibri.core.space import Float, Params, Space
+from calibri.optimizers.random_search import RandomSearch
 
 
 def _sphere(params: Params) -> float:
@@ -211,3 +212,22 @@ def read_builds(marker_dir: str | Path) -> list[dict[str, Any]]:
 
 def read_closes(marker_dir: str | Path) -> list[str]:
     return sorted(p.name for p in Path(marker_dir).glob("close-*"))
+
+
+def interrupted_at_round_3(params: Params, ctx: RoundContext) -> float:
+    """Ctrl-C while round 3 is being evaluated (raised in-process: deterministic, no signal timing)."""
+    if ctx.round == 3:
+        raise KeyboardInterrupt
+    return _sphere(params)
+
+
+class ShortAsk(RandomSearch):
+    """A buggy optimiser plugin: asked for n candidates, it returns n - 1."""
+
+    def ask(self, n: int) -> list[Params]:
+        return super().ask(n)[:-1]
+
+
+@hookimpl
+def calibri_register_optimizers(register):
+    register("test.short-ask", ShortAsk)

@@ -258,6 +258,8 @@ class LocalGauss(Optimizer):
                 self.center = self.space.to_search(params)
 
     def recommend(self):
+        if self.flaw == "recommends_x0":
+            return self.space.init_params()
         return dict(self.best[1]) if self.best else self.space.init_params()
 
     def state_dict(self):
@@ -289,6 +291,7 @@ def test_the_suite_passes_a_correct_local_search():
     ("bounded_shrink", "test_first_generation_spread_is_per_dimension_sigma"),
     ("sigma_times_range", "test_first_generation_spread_on_log_dims_is_in_log_units"),
     ("maximises", "test_makes_progress_on_a_sphere"),
+    ("recommends_x0", "test_recommendation_follows_the_tells"),
 ])
 def test_the_suite_catches_a_broken_rule(flaw, check):
     """Each check can fail: one broken rule, one failing check."""

@@ -338,3 +338,55 @@ def test_nan_metric_does_not_crash_the_run(tmp_path, cli_inproc):
     assert result.returncode == 0, result.stderr
     records = trials(tmp_path / "N")
     assert len(records) == 8 and all(r["status"] == "ok" and r["metrics"]["one"] == 1.0 for r in records)
+
+
+# -- the first hour's mistakes and interruptions ------------------------------------------------------
+def test_ctrl_c_brings_best_json_and_the_curve_up_to_the_last_checkpoint(tmp_path, cli_inproc):
+    """best.json is rewritten at most once a second while running; after Ctrl-C it must say what
+    the checkpoint says (not lag by many rounds), and convergence.png must be drawn."""
+    cfg = python_config(tmp_path, "interrupted_at_round_3", with_context=True, budget={"rounds": 10},
+                        callbacks=["plot"])
+    result = cli_inproc("run", cfg, "-o", "I", "--quiet")
+    assert result.returncode == 130 and "calibri resume" in result.stderr
+    best = best_json(tmp_path / "I")
+    records = [r for r in trials(tmp_path / "I") if r["round"] < 3]
+    assert (best["rounds"], best["evaluations"], best["finished"]) == (3, 12, False)
+    assert best["best"]["value"] == min(r["value"] for r in records)
+    assert (tmp_path / "I" / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_optimiser_that_returns_fewer_candidates_than_asked_is_an_error(tmp_path, cli_inproc):
+    cfg = python_config(tmp_path, "sphere", optimizer="test.short-ask", plugins=["helpers_objectives"])
+    result = cli_inproc("run", cfg, "-o", "S", "--quiet")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("calibri: error: optimizer 'test.short-ask' returned 3 candidates when "
+                                     "asked for 4 (round 0)")
+
+
+@pytest.mark.parametrize("executor", ["serial", "process"])
+def test_modules_in_the_working_directory_import(tmp_path, executor):
+    """`function: mymodule:loss` and `plugins: [mymodule]` for a module next to the config, run
+    with the installed `calibri` command from that folder (as `python -m` would find it)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    (tmp_path / "mymodule.py").write_text(
+        "from calibri.core.hookspecs import hookimpl\n\n"
+        "def loss(params):\n    return (params['x'] - 1.0) ** 2\n\n"
+        "@hookimpl\ndef calibri_register_callbacks(register):\n    register('mymodule.nothing', dict)\n")
+    cfg = {"objective": {"name": "python", "options": {"function": "mymodule:loss"}},
+           "space": {"x": {"type": "float", "low": -3, "high": 3, "init": 0, "sigma": 1}},
+           "optimizer": "random", "budget": {"rounds": 2}, "callbacks": [], "plugins": ["mymodule"],
+           "executor": {"name": executor, "workers": 2}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    command = shutil.which("calibri", path=str(Path(sys.executable).parent))
+    assert command is not None, "the calibri console script is installed next to this interpreter"
+    env = cli_env()
+    env.pop("PYTHONPATH")  # only the working directory can provide mymodule
+    proc = subprocess.run([command, "run", "cfg.yaml", "-o", "W", "--quiet"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert len(trials(tmp_path / "W")) == 8

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from calibri.core.errors import ConfigError
+from calibri.core.errors import IMPORT_HINT, ConfigError
 from calibri.core.hookspecs import hookimpl
 from calibri.core.objective import EvalResult, FunctionObjective, Objective, RoundContext
 from calibri.core.space import Float, Params, Space
@@ -98,7 +98,7 @@ def resolve_callable(path: str, field: str = "objective.options.function") -> Ca
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(field, f"cannot import module {module_name!r}: {exc}") from None
+        raise ConfigError(field, f"cannot import module {module_name!r}: {exc} ({IMPORT_HINT})") from None
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):
