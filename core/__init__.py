@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .errors import CalibriError, ConfigError, PluginError, RunDirError, RunFailed, UserError
 from .hookspecs import hookimpl
-from .objective import Candidate, EvalResult, FunctionObjective, Objective, RoundContext
+from .objective import EvalResult, FunctionObjective, Objective, RoundContext
 from .optimizer import Optimizer, OptimizerSettings, default_popsize
 from .space import Categorical, Float, Int, Space
 
@@ -20,7 +20,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0+unknown"
 
 __all__ = [
-    "CalibriError", "Candidate", "Categorical", "ConfigError", "EvalResult", "Float", "FunctionObjective",
-    "Int", "Objective", "Optimizer", "OptimizerSettings", "PluginError", "RoundContext", "RunDirError",
-    "RunFailed", "Space", "UserError", "__version__", "default_popsize", "hookimpl",
+    "CalibriError", "Categorical", "ConfigError", "EvalResult", "Float", "FunctionObjective", "Int",
+    "Objective", "Optimizer", "OptimizerSettings", "PluginError", "RoundContext", "RunDirError", "RunFailed",
+    "Space", "UserError", "__version__", "default_popsize", "hookimpl",
 ]

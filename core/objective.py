@@ -29,14 +29,6 @@ class RoundContext:
     data: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One point asked of the optimiser: ``id`` is unique within the run (the trial number)."""
-
-    id: int
-    params: Params
-
-
 @dataclass
 class EvalResult:
     """The outcome of one evaluation.

@@ -70,9 +70,8 @@ class Registration:
 class Registry:
     """Everything registered, by kind and name. The one place code looks plugins up."""
 
-    def __init__(self, manager: pluggy.PluginManager, extra_modules: tuple[str, ...] = ()) -> None:
+    def __init__(self, manager: pluggy.PluginManager) -> None:
         self.manager = manager
-        self.extra_modules = extra_modules
         self._items: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
         for kind in KINDS:
             self._collect(kind)
@@ -195,7 +194,7 @@ def get_registry() -> Registry:
     """The process-wide registry, built on first use."""
     global _registry
     if _registry is None:
-        _registry = Registry(build_manager(_extra_modules), _extra_modules)
+        _registry = Registry(build_manager(_extra_modules))
     return _registry
 
 
@@ -205,7 +204,7 @@ def add_plugin_modules(*module_names: str) -> Registry:
     extra_modules = tuple(dict.fromkeys(_extra_modules + module_names))
     if _registry is not None and extra_modules == _extra_modules:
         return _registry
-    registry = Registry(build_manager(extra_modules), extra_modules)  # nothing changes if this raises
+    registry = Registry(build_manager(extra_modules))  # nothing changes if this raises
     _extra_modules, _registry = extra_modules, registry
     return registry
 

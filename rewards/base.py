@@ -88,8 +88,10 @@ class Reward(ABC):
     Models load once (in ``__init__`` or on first use) and are reused across calls.
     """
 
-    #: Higher scores are better (the run's direction follows it).
-    higher_is_better: ClassVar[bool] = True
+    #: Higher scores are better: a run maximises the reward, else minimises it. Usually a class
+    #: attribute; an instance's own where it depends on what the reward was built from (a
+    #: combination, a remote reward).
+    higher_is_better: bool = True
     #: Whether the score depends on the prompt (text-image alignment) or on the image alone.
     uses_prompt: ClassVar[bool] = False
     #: Whether the reward needs an accelerator to be practical ("cpu" rewards run anywhere).

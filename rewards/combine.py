@@ -2,11 +2,14 @@
 
 Two ways to combine, chosen by ``mode``:
 
-* ``"sum"`` — the raw weighted sum ``Σ wᵢ · sᵢ · rᵢ``, where ``sᵢ`` is +1 for a higher-is-better
-  reward and −1 for a lower-is-better one (e.g. ``total_variation``). With only higher-is-better
-  components this is exactly Flow-GRPO's ``multi_score`` total (its ``"avg"``). Scales add up as
-  they are: a reward in the thousands (``sharpness``) drowns one in [0, 1] unless the weights
-  compensate.
+* ``"sum"`` — the raw weighted sum ``Σ wᵢ · sᵢ · rᵢ``, where ``sᵢ`` is +1 for a reward whose
+  direction is the combination's and −1 otherwise. A combination is higher-is-better as soon as
+  one of its components is, so a lower-is-better component (e.g. ``total_variation``) next to a
+  higher-is-better one enters negated; a combination of lower-is-better components only is itself
+  lower-is-better, and its total their plain weighted sum (``reward: [total_variation]`` scores
+  and is optimised like ``reward: total_variation``). With only higher-is-better components this
+  is exactly Flow-GRPO's ``multi_score`` total (its ``"avg"``). Scales add up as they are: a
+  reward in the thousands (``sharpness``) drowns one in [0, 1] unless the weights compensate.
 * ``"standardized"`` — each reward is first turned into a z-score against a *baseline*:
   ``Σ wᵢ · sᵢ · (rᵢ − μᵢ) / σᵢ``. The weights then say how many baseline standard deviations of
   one reward are worth one of another, whatever the rewards' units. The baseline (μᵢ, σᵢ: mean and
@@ -70,7 +73,8 @@ STATE_VERSION = 1
 
 
 class CombinedReward(Reward):
-    """A weighted combination of named rewards; higher is better (see the module's docstring).
+    """A weighted combination of named rewards (see the module's docstring): higher is better if
+    any component's is, lower is better if every component's is.
 
     ``rewards`` maps a label to a :class:`~calibri.rewards.base.Reward`; ``weights`` maps labels to
     finite numbers (missing ones are 1). ``mode`` is ``"sum"`` or ``"standardized"``;
@@ -78,17 +82,15 @@ class CombinedReward(Reward):
     (or ``(mean, std)`` pairs); ``auto_calibrate`` lets the first scored batch set them when
     neither ``baseline`` nor :meth:`calibrate` did.
 
-    Each component scores the whole batch with its own ``batch_size``; this object's
-    ``batch_size`` is not used. ``uses_prompt`` is true if any component uses the prompt, and
-    ``needs`` is the first component need other than ``"cpu"`` (else ``"cpu"``).
+    Each component scores the whole batch with its own ``batch_size`` on its own device.
+    ``uses_prompt`` is true if any component uses the prompt, and ``needs`` is the first component
+    need other than ``"cpu"`` (else ``"cpu"``).
     """
 
-    higher_is_better = True
-
     def __init__(self, rewards: Mapping[str, Reward], weights: Mapping[str, float] | None = None, *,
-                 mode: str = "sum", baseline: Mapping[str, Any] | None = None, auto_calibrate: bool = True,
-                 batch_size: int = 16, device: str = "cpu") -> None:
-        super().__init__(batch_size=batch_size, device=device)
+                 mode: str = "sum", baseline: Mapping[str, Any] | None = None,
+                 auto_calibrate: bool = True) -> None:
+        super().__init__()
         if not isinstance(rewards, Mapping) or not rewards:
             raise ValueError("CombinedReward needs a non-empty mapping of label → reward")
         for label, reward in rewards.items():
@@ -108,6 +110,9 @@ class CombinedReward(Reward):
         self.auto_calibrate = bool(auto_calibrate)
         self.uses_prompt = any(reward.uses_prompt for reward in self.rewards.values())
         self.needs = next((reward.needs for reward in self.rewards.values() if reward.needs != "cpu"), "cpu")
+        directions = {label: bool(reward.higher_is_better) for label, reward in self.rewards.items()}
+        self.higher_is_better = any(directions.values())
+        self._signs = {label: 1.0 if higher == self.higher_is_better else -1.0 for label, higher in directions.items()}
         self._baseline: dict[str, tuple[float, float]] | None = None
         self.baseline_source: str | None = None
         if baseline is not None:
@@ -188,13 +193,12 @@ class CombinedReward(Reward):
             raise RuntimeError("the standardized mode needs a baseline: pass baseline=, call calibrate(), "
                                "or leave auto_calibrate on and score a batch")
         terms: dict[str, np.ndarray] = {}
-        for label, reward in self.rewards.items():
+        for label in self.rewards:
             values = np.asarray(per_reward[label], dtype=np.float64)
             if self.mode == "standardized":
                 mean, std = self._baseline[label]  # type: ignore[index]
                 values = (values - mean) / std
-            sign = 1.0 if reward.higher_is_better else -1.0
-            terms[label] = self.weights[label] * sign * values
+            terms[label] = self.weights[label] * self._signs[label] * values
         return terms
 
     def combine(self, per_reward: Mapping[str, np.ndarray]) -> np.ndarray:

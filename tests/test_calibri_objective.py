@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -179,3 +178,83 @@ def test_a_negative_validation_seed_is_a_config_error(toy_dir, prompt_files):
     with pytest.raises(ConfigError, match="must be at least 0") as info:
         plan(validate(run_config(toy_dir, prompt_files, options={"validation_seed": -1})))
     assert info.value.field == "objective.options.validation_seed"
+
+
+# -- the options: declared once, validated once ------------------------------------------------------
+def test_the_options_are_declared_once_by_the_options_model():
+    import inspect
+
+    from calibri.core.options import option_names
+    from calibri.core.plugins import get_registry
+    from calibri.plugins.dit.objective import CalibriOptions, calibri_objective
+
+    registration = get_registry().get("objectives", "calibri")
+    assert registration.factory is calibri_objective and calibri_objective.options_model is CalibriOptions
+    assert set(inspect.signature(calibri_objective).parameters) == {"device", "options"}  # nothing repeated
+    assert "model_config" in option_names(CalibriOptions) and "device" in option_names(CalibriOptions)
+
+
+def test_a_run_validates_the_options_once_and_builds_them_without_validating_again(toy_dir, prompt_files,
+                                                                                    monkeypatch):
+    from calibri.core.run import plan
+    from calibri.plugins.dit.objective import CalibriOptions
+
+    calls = {"validate": 0, "init": 0}
+    validate_model, init = CalibriOptions.model_validate.__func__, CalibriOptions.__init__
+
+    def counting_validate(cls, *args, **kwargs):
+        calls["validate"] += 1
+        return validate_model(cls, *args, **kwargs)
+
+    def counting_init(self, **values):
+        calls["init"] += 1
+        init(self, **values)
+
+    monkeypatch.setattr(CalibriOptions, "model_validate", classmethod(counting_validate))
+    monkeypatch.setattr(CalibriOptions, "__init__", counting_init)
+    resolved = plan(validate(run_config(toy_dir, prompt_files, options={"steps": "1", "pipeline_options": None})))
+    assert resolved.recipe.options["steps"] == 1 and resolved.recipe.options["pipeline_options"] == {}
+    objective = resolved.recipe.build("cpu")
+    from calibri.plugins.dit.objective import calibri_stream
+
+    calibri_stream(3, **resolved.recipe.options)
+    assert calls == {"validate": 1, "init": 0}  # plan: once; check, space, stream and the factory: never
+    assert objective.options.steps == 1 and objective.options.device == "cpu"
+    assert objective.options.model == str(toy_dir) and objective.options.transformer_config is None
+    objective.close()
+
+
+@pytest.mark.parametrize(("options", "field", "message"), [
+    ({"copies": 0}, "objective.options.copies", "must be at least 1, got 0"),
+    ({"time_buckets": 0}, "objective.options.time_buckets", "must be at least 1, got 0"),
+    ({"bucket_size": 0}, "objective.options.bucket_size", "must be at least 1, got 0"),
+    ({"steps": -2}, "objective.options.steps", "must be at least 1, got -2"),
+    ({"batch_size": 0}, "objective.options.batch_size", "must be at least 1, got 0"),
+    ({"validation_seed": -1}, "objective.options.validation_seed", "must be at least 0, got -1"),
+    ({"form": "cfg", "copies": 2, "guidance_scale": 1.0}, "objective.options.guidance_scale", "the cfg form needs"),
+    ({"form": "cfg", "copies": 2, "guidance_scale": None}, "objective.options.guidance_scale", "the cfg form needs"),
+    ({"granularity": "row"}, "objective.options.granularity", "Input should be 'block', 'layer' or 'gate'"),
+    ({"steps": "many"}, "objective.options.steps", "Input should be a valid integer"),
+    ({"stepz": 3}, "objective.options.stepz", "unknown option (known: batch_size, bucket_size, copies, dtype, form"),
+    ({"device": "cuda:0"}, "objective.options.device", "unknown option"),
+])
+def test_bad_options_name_the_option(toy_dir, prompt_files, options, field, message):
+    from calibri.core.run import plan
+
+    with pytest.raises(ConfigError) as info:
+        plan(validate(run_config(toy_dir, prompt_files, options=options)))
+    assert info.value.field == field and message in info.value.message
+    assert "\n" not in str(info.value)
+
+
+def test_options_built_directly_are_validated():
+    import pydantic
+
+    from calibri.plugins.dit.objective import CalibriOptions
+
+    options = CalibriOptions(model="toy", copies=2, form="cfg", guidance_scale=4.5, device="cpu")
+    assert (options.copies, options.guidance_scale, options.pipeline_options) == (2, 4.5, {})
+    with pytest.raises(pydantic.ValidationError, match="must be at least 1, got 0"):
+        CalibriOptions(copies=0)
+    with pytest.raises(pydantic.ValidationError, match="the cfg form needs"):
+        CalibriOptions(form="cfg")

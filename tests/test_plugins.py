@@ -317,8 +317,8 @@ def test_add_plugin_modules_registrations_are_visible():
     assert "fixture.optimizer" not in before.names("optimizers")
     registry = add_plugin_modules("plugin_fixtures")
     assert registry is get_registry() and registry is not before
-    assert registry.extra_modules == ("plugin_fixtures",)
     assert registry.manager.get_plugin("plugin_fixtures") is plugin_fixtures
+    assert add_plugin_modules("plugin_fixtures") is registry  # already there: nothing is rebuilt
     for kind, names in plugin_fixtures.REGISTERED.items():
         for name in names:
             assert registry.get(kind, name).plugin == "plugin_fixtures"
@@ -332,8 +332,10 @@ def test_add_plugin_modules_accumulates_and_reset_forgets(monkeypatch):
     fake_module(monkeypatch, "extra_b", calibri_register_spaces=registering("spaces", "b.space"))
     add_plugin_modules("extra_a")
     registry = add_plugin_modules("extra_b", "extra_a")
-    assert registry.extra_modules == ("extra_a", "extra_b")
-    assert {"a.space", "b.space"} <= set(registry.names("spaces"))
+    loaded = [name for name, _ in registry.manager.list_name_plugin()]
+    assert loaded[-2:] == ["extra_a", "extra_b"] and loaded.count("extra_a") == 1  # in order, once each
+    assert registry.get("spaces", "a.space").plugin == "extra_a"
+    assert registry.get("spaces", "b.space").plugin == "extra_b"
     reset_registry()
     assert not {"a.space", "b.space"} & set(get_registry().names("spaces"))
     reset_registry(("extra_b",))
@@ -369,3 +371,90 @@ def test_an_installed_plugin_also_listed_as_an_extra_module_is_registered_once(i
     isolated.append(entry_point("fixture", "plugin_fixtures"))
     registry = add_plugin_modules("plugin_fixtures")
     assert registry.get("optimizers", "fixture.optimizer").plugin == "fixture"
+
+
+# -- options declared by a model -------------------------------------------------------------------
+def _declared_objective():
+    """An objective factory whose options are a pydantic model (one of them aliased)."""
+    import pydantic
+
+    from calibri.core import FunctionObjective, Float, Space
+    from calibri.core.options import options_model
+
+    class BoxOptions(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="allow", populate_by_name=True)  # unknown keys still refused
+
+        dim: int = 2
+        label: str = pydantic.Field("box", alias="model_config")
+        device: str | None = None
+
+        @pydantic.field_validator("dim")
+        @classmethod
+        def _positive(cls, value: int) -> int:
+            if value < 1:
+                raise ValueError(f"must be at least 1, got {value}")
+            return value
+
+    seen: list[dict] = []
+
+    def box(**options):
+        seen.append(options)
+        opts = BoxOptions.model_construct(**options)
+        return Space(Float(f"{opts.label}[{i}]", 0.0, 1.0) for i in range(opts.dim))
+
+    @options_model(BoxOptions)
+    def factory(device=None, **options):
+        seen.append({**options, "device": device})
+        return FunctionObjective(lambda params: sum(params.values()), space=box(**options))
+
+    return factory, box, seen
+
+
+@pytest.mark.parametrize(("options", "field", "message"), [
+    ({"dims": 3}, "objective.options.dims", "unknown option (known: dim, model_config)"),
+    ({"device": "cuda"}, "objective.options.device", "unknown option (known: dim, model_config)"),
+    ({"dim": 0}, "objective.options.dim", "must be at least 1, got 0"),
+    ({"dim": "many"}, "objective.options.dim", "Input should be a valid integer"),
+    ({"model_config": 3}, "objective.options.model_config", "Input should be a valid string (got 3)"),
+])
+def test_options_declared_by_a_model_are_checked_against_it(options, field, message):
+    from calibri.core.options import validate_options
+
+    factory, _, _ = _declared_objective()
+    with pytest.raises(ConfigError) as info:
+        validate_options(factory, options, "objective.options", reserved=("device",))
+    assert info.value.field == field and message in info.value.message
+    assert "\n" not in str(info.value)
+
+
+def test_options_declared_by_a_model_come_back_validated_with_the_keys_given():
+    from calibri.core.options import options_model, validate_options
+
+    factory, _, _ = _declared_objective()
+    assert validate_options(factory, {"dim": "3", "model_config": "b"}, "objective.options",
+                            reserved=("device",)) == {"dim": 3, "model_config": "b"}
+    assert validate_options(factory, {}, "objective.options", reserved=("device",)) == {}
+    with pytest.raises(TypeError, match="pydantic model"):
+        options_model(dict)
+
+
+def test_a_run_validates_model_declared_options_once_and_hands_them_to_the_factory_and_space(monkeypatch):
+    from calibri.core.config import validate
+    from calibri.core.run import plan
+
+    factory, box, seen = _declared_objective()
+
+    @hookimpl
+    def calibri_register_objectives(register):
+        register("declared.box", factory, space=box)
+
+    fake_module(monkeypatch, "declared_plugin", calibri_register_objectives=calibri_register_objectives)
+    config = validate({"objective": {"name": "declared.box", "options": {"dim": "3", "model_config": "b"}},
+                       "optimizer": "random", "plugins": ["declared_plugin"], "budget": {"rounds": 1}})
+    resolved = plan(config)
+    assert resolved.space.names == ["b[0]", "b[1]", "b[2]"]
+    assert resolved.recipe.options == {"dim": 3, "model_config": "b"}
+    objective = resolved.recipe.build("cpu")
+    assert seen[-2] == {"dim": 3, "model_config": "b", "device": "cpu"} and len(objective.space) == 3
+    with pytest.raises(ConfigError, match=r"^objective\.options\.dim: must be at least 1, got 0$"):
+        plan(validate({**config.model_dump(), "objective": {"name": "declared.box", "options": {"dim": 0}}}))

@@ -140,6 +140,7 @@ def evaluate_command(target: str, steps_text: str, guidance_text: str | None, pr
         done[0] += 1
         click.echo(f"  [{done[0]}/{total}] {variant} at {n} steps", err=True)
 
+    maximize = objective.direction == "maximize"
     try:
         rows = evaluate(objective, variants, steps, texts, metadata, image_seed, calibrated=values, progress=progress)
     finally:
@@ -150,7 +151,7 @@ def evaluate_command(target: str, steps_text: str, guidance_text: str | None, pr
     plot_nfe(rows, out / "reward_vs_nfe.png", f"{path.name}: {len(texts)} prompts, seed {image_seed}")
     click.echo(table)
     for n in steps:
-        match = matching_nfe(rows, at_steps=n)
+        match = matching_nfe(rows, at_steps=n, maximize=maximize)
         if match is not None:
             click.echo(f"baseline matches calibrated@{n} at NFE {match}")
     click.echo(f"written: {out}")
@@ -159,6 +160,8 @@ def evaluate_command(target: str, steps_text: str, guidance_text: str | None, pr
 def _evaluation_target(path, model, reward, device, prompts, seed):
     """(objective, calibrated values, (prompts, metadata, seed)) for a run dir or a calibration file."""
     from pathlib import Path
+
+    import pydantic
 
     from calibri.core.errors import UserError
 
@@ -186,10 +189,15 @@ def _evaluation_target(path, model, reward, device, prompts, seed):
         is_toy = name in SHIPPED_MODELS or Path(name).resolve() == Path(resolve_model("toy")).resolve()
         if reward is None and not is_toy:
             raise UserError("--reward: give the reward to evaluate with (e.g. hpsv3)")
-        options = CalibriOptions(model=name, granularity=document["granularity"], copies=document["copies"],
-                                 form=document["form"], guidance_scale=document.get("guidance_scale"),
-                                 time_buckets=document.get("time_buckets", 1),
-                                 reward=reward or "toy_oracle", device=device)
+        try:
+            options = CalibriOptions(model=name, granularity=document["granularity"], copies=document["copies"],
+                                     form=document["form"], guidance_scale=document.get("guidance_scale"),
+                                     time_buckets=document.get("time_buckets", 1),
+                                     reward=reward or "toy_oracle", device=device)
+        except pydantic.ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            raise UserError(f"{path}: {where}: {error['msg'].removeprefix('Value error, ')}") from None
         if prompts is None and not is_toy:
             raise UserError("--prompts: give the held-out prompts to evaluate on")
         objective = CalibriObjective(options)

@@ -101,15 +101,17 @@ def _sem(values: np.ndarray) -> float:
     return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
-def matching_nfe(rows: Sequence[Row], variant: str = "calibrated", at_steps: int | None = None) -> int | None:
+def matching_nfe(rows: Sequence[Row], variant: str = "calibrated", at_steps: int | None = None,
+                 maximize: bool = True) -> int | None:
     """The smallest NFE at which the baseline reaches ``variant``'s mean at ``at_steps`` (its
-    smallest NFE by default); None if no evaluated NFE does."""
+    smallest NFE by default) — at least as high, or as low for a lower-is-better reward
+    (``maximize=False``); None if no evaluated NFE does."""
     ours = sorted((r for r in rows if r.variant == variant), key=lambda r: r.steps)
     if not ours:
         return None
     target = next((r for r in ours if r.steps == at_steps), ours[0]) if at_steps is not None else ours[0]
     for row in sorted((r for r in rows if r.variant == "baseline"), key=lambda r: r.steps):
-        if row.mean >= target.mean:
+        if (row.mean >= target.mean) if maximize else (row.mean <= target.mean):
             return row.steps
     return None
 

@@ -99,7 +99,7 @@ def write_report(run_dir: str | Path, nfe: Sequence[int] = DEFAULT_NFE, guidance
         before = objective.images(None, grid_p, seed)
         after = objective.images(values, grid_p, seed)
         plot_grid(grid_p, before, after, run_dir / "grid.png", objective.options.steps)
-        match = matching_nfe(rows, at_steps=objective.options.steps)
+        match = matching_nfe(rows, at_steps=objective.options.steps, maximize=objective.direction == "maximize")
         summary = _summary_text(run_dir, best, config, objective, how, rows, match, table, where)
         (run_dir / "report.md").write_text(summary, encoding="utf-8")
     finally:
@@ -149,8 +149,9 @@ def plot_curve(run_dir: Path, path: Path) -> Path | None:
     rounds = sorted(by_round)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     ax.plot([r + 1 for r in rounds], [np.mean(by_round[r]) for r in rounds], color="tab:gray", label="round mean (training bucket)")
-    ax.plot([r + 1 for r in rounds], [np.max(by_round[r]) for r in rounds], color="tab:gray", alpha=0.4, linestyle=":",
-            label="round best (training bucket)")
+    best_of = np.max if (store.read_best() or {}).get("direction", "maximize") == "maximize" else np.min
+    ax.plot([r + 1 for r in rounds], [best_of(by_round[r]) for r in rounds], color="tab:gray", alpha=0.4,
+            linestyle=":", label="round best (training bucket)")
     validation = store.read_validation()
     for source, colour in (("recommendation", "tab:blue"), ("incumbent", "tab:orange")):
         points = [(v["after_round"], v["value"]) for v in validation if v["source"] == source and v["value"] is not None]
