@@ -24,7 +24,7 @@ import numpy as np
 
 from .callbacks import RoundRecord, RunInfo
 from .config import RunConfig, dump_config, validate
-from .errors import IMPORT_HINT, CalibriError, ConfigError, PluginError, RunFailed, RunInterrupted
+from .errors import IMPORT_HINT, CalibriError, ConfigError, PluginError, RunDirError, RunFailed, RunInterrupted
 from .executor import Executor, ObjectiveRecipe
 from .objective import RoundContext, to_loss
 from .optimizer import Optimizer, OptimizerSettings
@@ -206,7 +206,12 @@ class Runner:
             validator = Validator(stream, config.validation.every, store, direction)
             state = store.load_checkpoint() if resume else None
             if state is not None:
+                made_for = state.get("direction") or (store.read_best() or {}).get("direction")
+                if made_for is not None and made_for != direction:
+                    raise RunDirError(f"{store.path}: the run was made to {made_for} and its objective now says "
+                                      f"{direction} (its values and best would mix both); start a new run")
                 state.setdefault("validation", Validator.initial_state())
+                state["direction"] = direction
                 store.truncate_trials(state["n_evals"])
                 store.truncate_validation(state["validation"]["count"])
                 optimizer.load_state_dict(state["optimizer"])
@@ -218,7 +223,8 @@ class Runner:
                 store.truncate_trials(0)
                 store.truncate_validation(0)
                 state = {"round": 0, "n_evals": 0, "n_failed": 0, "elapsed": 0.0, "best": None,
-                         "finished": False, "last_error": None, "validation": Validator.initial_state()}
+                         "finished": False, "last_error": None, "validation": Validator.initial_state(),
+                         "direction": direction}
 
             budget = config.budget
             for cb in callbacks:

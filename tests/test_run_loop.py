@@ -390,3 +390,17 @@ def test_modules_in_the_working_directory_import(tmp_path, executor):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert len(trials(tmp_path / "W")) == 8
+
+
+def test_resume_refuses_a_run_whose_objective_changed_direction(tmp_path, cli_inproc):
+    """A run made to minimise must not go on maximising (e.g. a reward whose direction was fixed
+    since): its best and its optimiser's history would mix both senses."""
+    run_ok(cli_inproc, "run", python_config(tmp_path, "sphere", budget={"rounds": 2}), "-o", "D", "--quiet")
+    config = yaml.safe_load((tmp_path / "D" / "config.yaml").read_text())
+    config["objective"]["options"]["direction"] = "maximize"
+    (tmp_path / "D" / "config.yaml").write_text(yaml.safe_dump(config))
+    before = (tmp_path / "D" / "trials.jsonl").read_bytes()
+    result = cli_inproc("resume", "D", "--rounds", "4", "--quiet")
+    assert result.returncode == 2
+    assert "the run was made to minimize and its objective now says maximize" in result.stderr
+    assert (tmp_path / "D" / "trials.jsonl").read_bytes() == before
