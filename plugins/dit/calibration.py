@@ -113,34 +113,20 @@ def _weighted(sample: torch.Tensor, weight: float) -> torch.Tensor:
 
 
 def _ensemble_hook_class() -> type:
-    from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
+    from .compat import ContextHook
 
-    class _NoState(BaseState):
-        pass
-
-    class EnsembleHook(ModelHook):
+    class EnsembleHook(ContextHook):
         """Applies ω and, for ensembles, runs each copy: ``distilled`` = Σ ω_m v^{s_m} over
         sequential passes; ``cfg`` = copy 0 on conditional calls, copy 1 on unconditional ones,
         each output rescaled so the pipeline's CFG formula yields ω_0 v_c + ω_1 v_u."""
 
-        _is_stateful = True  # so that the pipeline's cache_context reaches self.context
-
         def __init__(self, calibrator: "Calibrator") -> None:
             super().__init__()
             self.calibrator = calibrator
-            self.context = StateManager(_NoState)
-
-        def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-            self.context.reset()
-            return module
-
-        def _call_name(self) -> str | None:
-            context = self.context._context
-            return None if context is None else context.name
 
         def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
             cal = self.calibrator
-            forward = self.fn_ref.original_forward
+            forward = self.original_forward()
             state = cal.state
             if not state.active:  # baked: ω is in the weights too
                 return forward(*args, **kwargs)
@@ -179,7 +165,7 @@ def _ensemble_hook_class() -> type:
                 uncond_factor = abs(g / omega[0]) * omega[1] / (1.0 - g)
             else:
                 cond_factor, uncond_factor = omega[0] / g, omega[1] / (1.0 - g)
-            name = self._call_name()
+            name = self.call_name()
             if name in ("cond", "uncond"):
                 row, factor = (0, cond_factor) if name == "cond" else (1, uncond_factor)
                 state.row = row
@@ -325,7 +311,7 @@ class Calibrator:
         """Register the hooks (once). Values start at identity: all scales 1, ω at its init."""
         if self._attached:
             return self
-        from diffusers.hooks import HookRegistry
+        from .compat import HookRegistry
 
         registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
         if ENSEMBLE_HOOK in registry.hooks:
@@ -361,7 +347,7 @@ class Calibrator:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        from diffusers.hooks import HookRegistry
+        from .compat import HookRegistry
 
         HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(ENSEMBLE_HOOK, recurse=False)
         self._attached = False

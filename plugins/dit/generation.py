@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .compat import execution_device
 from .prompts import image_seed
 
 
@@ -129,7 +130,7 @@ class ImageGenerator:
         self.negative_prompt = negative_prompt
         self.pipeline_options = dict(pipeline_options or {})
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
-        self.device = pipe._execution_device
+        self.device = execution_device(pipe)
         self._negative: dict[str, torch.Tensor] = {}
         if self.family.has_cfg:
             with torch.no_grad():

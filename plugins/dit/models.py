@@ -97,6 +97,8 @@ def load_pipeline(model: str, dtype: str = "auto", device: str = "cpu") -> Any:
 
     import diffusers
 
+    from .compat import from_pretrained
+
     path = resolve_model(model)
     index = Path(path) / "model_index.json"
     cls: Any = diffusers.DiffusionPipeline
@@ -114,7 +116,7 @@ def load_pipeline(model: str, dtype: str = "auto", device: str = "cpu") -> Any:
     verbosity = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()
     try:
-        pipe = cls.from_pretrained(path, dtype=torch_dtype(dtype, device))
+        pipe = from_pretrained(cls, path, torch_dtype(dtype, device))
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
     pipe.to(device)
