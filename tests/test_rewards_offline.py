@@ -421,8 +421,10 @@ def test_property_brightening_keeps_contrast_sharpness_and_tv_when_nothing_clips
     batch = (batch // 2).astype(np.uint8)  # values ≤ 127: adding ≤ 40 never clips
     brighter = batch + np.uint8(offset)
     for name in ("contrast", "sharpness", "total_variation"):
+        # The rewards compute in float32 (canonical images): an offset changes the rounding of the
+        # sums they reduce over, so equal means equal to float32 precision (seen: 1.01e-6 relative).
         np.testing.assert_allclose(OFFLINE_REWARDS[name]()(brighter), OFFLINE_REWARDS[name]()(batch),
-                                   rtol=1e-6, atol=1e-9, err_msg=name)
+                                   rtol=1e-5, atol=1e-9, err_msg=name)
     assert (Brightness()(brighter) >= Brightness()(batch) - 1e-12).all()
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from calibri.plugins.dit.generation import flush_denormals
+
 from .pipeline import MAX_TOKENS, build_pipeline, to_model_space
 from .world import all_scenes, prompt_of, render, sample_layout
 
@@ -35,8 +37,20 @@ def batch(rng: np.random.Generator, size: int) -> tuple[torch.Tensor, list[str]]
 
 def train(out: Path, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, threads: int = 2,
           ema_decay: float = 0.998, log_every: int = 50, checkpoint_every: int = 0) -> None:
+    """Train with ``threads`` torch threads and subnormals flushed (subnormal activations make CPU
+    steps ~10x slower); both, and torch's global RNG, are restored afterwards, since the caller's
+    process (a test run, a notebook) goes on computing."""
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)  # subnormal activations would make CPU steps ~10x slower
+    try:
+        with flush_denormals(), torch.random.fork_rng():
+            _train(out, steps, batch_size, lr, seed, ema_decay, log_every, checkpoint_every)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(out: Path, steps: int, batch_size: int, lr: float, seed: int, ema_decay: float, log_every: int,
+           checkpoint_every: int) -> None:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pipe = build_pipeline(seed)
