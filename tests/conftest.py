@@ -74,6 +74,17 @@ def cli_inproc(tmp_path, monkeypatch, capfd):
     return run
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors run fastest, and most reproducibly, on one torch thread (restored after the module)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TOY_PROMPTS = ["a small red circle on the left", "a large blue square at the top", "a small green cross in the center",
                "a large white triangle at the bottom", "a small cyan circle on the right"]
 

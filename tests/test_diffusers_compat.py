@@ -18,12 +18,7 @@ pytest.importorskip("transformers")
 from calibri.plugins.dit import compat, tiny  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 class _Recorder(compat.ContextHook):

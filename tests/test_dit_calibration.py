@@ -28,12 +28,7 @@ BUILDERS = {
 BLOCK_LISTS = {"double": "transformer_blocks", "single": "single_transformer_blocks", "block": "transformer_blocks"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def _inputs(model, dtype=None, **kwargs):

@@ -22,12 +22,7 @@ from calibri.plugins.dit.calibration import OMEGA_BOUNDS, SCALE_BOUNDS, Calibrat
 G = 4.0  # guidance scale of the cfg tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

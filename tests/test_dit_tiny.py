@@ -25,13 +25,7 @@ UNICODE_PROMPT = "Ünïcödé ✓ 猫 🐱 «quoted» — \"text\"\n\ttabs & sym
 LONG_PROMPT = "a very long prompt about a red circle " * 12  # over CLIP's 77 tokens: truncated
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors run fastest, and most reproducibly, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
