@@ -193,9 +193,8 @@ class Runner:
             space = self.plan.space or info.space
             if space is None:
                 raise ConfigError("space", f"objective {config.objective.name!r} defines no space; give one under space:")
-            if self.plan.space is None:
+            if self.plan.space is None:  # not checked by plan(): check it and the optimiser's options now
                 check_space(space, self.plan.optimizer)
-            if self.plan.space is None:  # not built by plan(): check the options before creating anything
                 build_optimizer(self.plan.optimizer, self.plan.optimizer_options, space, config, workdir=None)
             stream = self._build_stream()
             if create is not None:
