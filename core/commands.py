@@ -48,14 +48,17 @@ def run_command(config_path: str, overrides: tuple[str, ...], run_dir: str | Non
 @click.option("--evaluations", type=click.IntRange(min=1), help="Raise the evaluation budget.")
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True), help="Raise the wall-time budget.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Load checkpoints not signed with your key (another user's run directory). Loading a "
+                   "checkpoint runs code: only for run directories from someone you trust.")
 def resume_command(run_dir: str, rounds: int | None, evaluations: int | None, seconds: float | None,
-                   quiet: bool) -> None:
+                   quiet: bool, trust_checkpoint: bool) -> None:
     """Continue an interrupted run (or extend a finished one) exactly where it stopped."""
     from .run import resume_run
 
     budget = {k: v for k, v in {"rounds": rounds, "evaluations": evaluations, "seconds": seconds}.items()
               if v is not None}
-    _report(resume_run(run_dir, budget, quiet=quiet))
+    _report(resume_run(run_dir, budget, quiet=quiet, trust_checkpoint=trust_checkpoint))
 
 
 @click.command("plugins")

@@ -16,8 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .errors import ConfigError, UserError
 
 
+#: The most candidates one round may ask for: a round's candidates, results and trial lines are
+#: held in memory at once (CMA-ES's default is 4 + 3 ln d, a few dozen even at d = 10,000).
+MAX_POPSIZE = 100_000
+#: YAML nested deeper than this is refused (it can only be a mistake, and would exhaust the stack).
+MAX_YAML_DEPTH = 100
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _shorthand(value: Any) -> Any:
@@ -42,7 +49,7 @@ class OptimizerConfig(PluginSpec):
     ``popsize``: candidates per round (default: the backend's, 4 + ⌊3 ln d⌋ for CMA-ES)."""
 
     sigma: float | None = Field(default=None, gt=0)
-    popsize: int | None = Field(default=None, ge=1)
+    popsize: int | None = Field(default=None, ge=1, le=MAX_POPSIZE)
 
 
 class ExecutorConfig(PluginSpec):
@@ -117,8 +124,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}", "expected key.path=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else raw
+    except RecursionError:
+        raise ConfigError(key.strip(), "value nested too deeply") from None
     except yaml.YAMLError:
         value = raw
+    if _depth(value) > MAX_YAML_DEPTH:
+        raise ConfigError(key.strip(), f"value nested more than {MAX_YAML_DEPTH} levels deep")
     return key.strip().split("."), value
 
 
@@ -154,6 +165,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read: {exc}") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"{path}: invalid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -163,7 +176,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: the file is empty")
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    if _depth(data) > MAX_YAML_DEPTH:
+        raise UserError(f"{path}: invalid YAML: nested more than {MAX_YAML_DEPTH} levels deep")
     return data
+
+
+def _depth(value: Any, limit: int = MAX_YAML_DEPTH + 1) -> int:
+    """Nesting depth of mappings and lists, counted up to ``limit`` (iteratively: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest >= limit:
+            return deepest
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def config_error(exc: pydantic.ValidationError, model: type[BaseModel], root: str = "config") -> ConfigError:

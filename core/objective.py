@@ -54,19 +54,23 @@ class EvalResult:
         return self.status == "ok"
 
     def checked(self) -> "EvalResult":
-        """This result, or a failure if its value is not a finite number."""
+        """This result with JSON-safe metrics and artifacts, or a failure if its value is not a
+        finite number or an extra cannot be written to the trials log."""
         if not self.ok:
             return self
         try:
+            metrics = {str(k): _plain(v) for k, v in dict(self.metrics).items()}
+            artifacts = {str(k): _plain(v) for k, v in dict(self.artifacts).items()}
+        except (TypeError, ValueError) as exc:
+            return EvalResult.failure(f"objective returned {exc}")
+        try:
             value = float(self.value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            return EvalResult.failure(f"objective returned a non-number: {self.value!r}")
+            return EvalResult.failure(f"objective returned a non-number: {_short(self.value)}")
         if not math.isfinite(value):
-            return EvalResult(value=None, metrics={k: _plain(v) for k, v in self.metrics.items()},
-                              artifacts={k: _plain(v) for k, v in self.artifacts.items()},
-                              status="failed", error=f"objective returned {value}")
-        return EvalResult(value=value, metrics={k: _plain(v) for k, v in self.metrics.items()},
-                          artifacts={k: _plain(v) for k, v in self.artifacts.items()})
+            return EvalResult(value=None, metrics=metrics, artifacts=artifacts, status="failed",
+                              error=f"objective returned {value}")
+        return EvalResult(value=value, metrics=metrics, artifacts=artifacts)
 
 
 class Objective(ABC):
@@ -104,13 +108,34 @@ class FunctionObjective(Objective):
         return [self.fn(params) for params in candidates]
 
 
-def _plain(value: Any) -> Any:
-    """A JSON-safe scalar: numpy scalars become Python ones, non-finite floats None."""
+#: Metrics and artifacts go into every trial line: an extra larger than this is refused.
+MAX_EXTRA_ITEMS = 10_000
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """A JSON-safe copy: numpy scalars and arrays become Python numbers and lists, non-finite
+    floats None; anything else (bytes, objects, huge arrays) raises ``TypeError`` saying what."""
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    if isinstance(value, np.ndarray):
+        if value.size > MAX_EXTRA_ITEMS:
+            raise TypeError(f"an array of {value.size} items in metrics/artifacts (at most {MAX_EXTRA_ITEMS})")
+        value = value.tolist()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth < 8 and isinstance(value, (list, tuple)) and len(value) <= MAX_EXTRA_ITEMS:
+        return [_plain(item, depth + 1) for item in value]
+    if depth < 8 and isinstance(value, Mapping) and len(value) <= MAX_EXTRA_ITEMS:
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    raise TypeError(f"a {type(value).__name__} in metrics/artifacts ({_short(value)}); "
+                    f"they must be numbers, strings, lists or mappings of them")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def as_result(raw: EvalResult | float | Mapping[str, Any]) -> EvalResult:
@@ -121,8 +146,10 @@ def as_result(raw: EvalResult | float | Mapping[str, Any]) -> EvalResult:
     if isinstance(raw, EvalResult):
         return raw.checked()
     if isinstance(raw, Mapping):
-        return EvalResult(value=raw.get("value"), metrics=dict(raw.get("metrics", {})),
-                          artifacts=dict(raw.get("artifacts", {}))).checked()
+        metrics, artifacts = raw.get("metrics") or {}, raw.get("artifacts") or {}
+        if not isinstance(metrics, Mapping) or not isinstance(artifacts, Mapping):
+            return EvalResult.failure("objective returned metrics/artifacts that are not mappings")
+        return EvalResult(value=raw.get("value"), metrics=dict(metrics), artifacts=dict(artifacts)).checked()
     return EvalResult(value=raw).checked()  # type: ignore[arg-type]
 
 

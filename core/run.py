@@ -7,6 +7,7 @@ exactly the trajectory of an uninterrupted one, whatever the number of workers.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
@@ -31,7 +32,7 @@ from .optimizer import Optimizer, OptimizerSettings
 from .options import validate_options
 from .plugins import Registration, add_plugin_modules, build_from, get_registry
 from .space import Space, to_jsonable
-from .store import RunStore
+from .store import EMPTY_DIGEST, RunStore, atomic_write_text
 from .validation import Validator
 
 #: best.json is a convenience view (the checkpoint is the record): rewritten when the best improves,
@@ -54,6 +55,29 @@ def package_versions() -> dict[str, str]:
 def round_seed(seed: int, round_index: int) -> int:
     """The seed all candidates of a round share (common random numbers); stateless."""
     return int(np.random.SeedSequence([seed, round_index]).generate_state(1, dtype=np.uint32)[0])
+
+
+#: The config's run-defining parts: a checkpoint continues only under the same ones. The rest
+#: (budget, executor, validation, callbacks, ...) may change between sessions.
+RUN_DEFINING = ("seed", "objective", "space", "optimizer")
+RESUMABLE_CHANGES = ("budget", "executor", "validation", "callbacks", "max_failure_rate", "fsync", "name",
+                     "plugins")
+
+
+def run_defining(config: RunConfig) -> dict[str, Any]:
+    """The parts of ``config`` that decide the trajectory, as plain JSON values."""
+    dumped = config.model_dump(mode="json")
+    return {key: dumped[key] for key in RUN_DEFINING}
+
+
+def config_changes(before: Any, after: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences between two JSON-like values (``optimizer.name: 'a' → 'b'``)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        out = []
+        for key in list(before) + [k for k in after if k not in before]:
+            out += config_changes(before.get(key), after.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return [] if before == after else [f"{prefix or 'config'} changed from {before!r} to {after!r}"]
 
 
 @dataclass
@@ -157,10 +181,12 @@ def check_space(space: Space, optimizer: Registration) -> None:
 class Runner:
     """Executes a :class:`Plan` in a run directory (fresh, or resumed from its checkpoint)."""
 
-    def __init__(self, plan_: Plan, store: RunStore) -> None:
+    def __init__(self, plan_: Plan, store: RunStore, defining: dict[str, Any] | None = None) -> None:
         self.plan = plan_
         self.config = plan_.config
         self.store = store
+        #: the run-defining part of the config as written to config.yaml (what a checkpoint records)
+        self.defining = defining if defining is not None else run_defining(plan_.config)
 
     def _build_executor(self) -> Executor:
         reg = self.plan.executor
@@ -205,15 +231,19 @@ class Runner:
             validator = Validator(stream, config.validation.every, store, direction)
             state = store.load_checkpoint() if resume else None
             if state is not None:
-                made_for = state.get("direction") or (store.read_best() or {}).get("direction")
-                if made_for is not None and made_for != direction:
-                    raise RunDirError(f"{store.path}: the run was made to {made_for} and its objective now says "
-                                      f"{direction} (its values and best would mix both); start a new run")
+                self._check_resumable(state, direction)
                 state.setdefault("validation", Validator.initial_state())
                 state["direction"] = direction
+                state["config"] = self.defining
                 store.truncate_trials(state["n_evals"])
+                state["trials_digest"] = store.verify_trials(state["n_evals"], state.get("trials_digest"))
                 store.truncate_validation(state["validation"]["count"])
-                optimizer.load_state_dict(state["optimizer"])
+                try:
+                    optimizer.load_state_dict(state["optimizer"])
+                except Exception as exc:  # noqa: BLE001 - a state from another optimiser or version
+                    raise RunDirError(f"{store.checkpoint_dir}: the saved optimiser state does not load into "
+                                      f"{self.plan.optimizer.name!r} ({type(exc).__name__}: {exc}); "
+                                      f"start a new run") from None
                 if stream is not None and state.get("stream") is not None:
                     stream.load_state_dict(state["stream"])
                 random.setstate(state["rng"]["python"])
@@ -223,7 +253,7 @@ class Runner:
                 store.truncate_validation(0)
                 state = {"round": 0, "n_evals": 0, "n_failed": 0, "elapsed": 0.0, "best": None,
                          "finished": False, "last_error": None, "validation": Validator.initial_state(),
-                         "direction": direction}
+                         "direction": direction, "config": self.defining, "trials_digest": EMPTY_DIGEST}
 
             budget = config.budget
             for cb in callbacks:
@@ -271,6 +301,21 @@ class Runner:
         for cb in callbacks:
             _call(cb, "on_run_end", summary)
         return summary
+
+    def _check_resumable(self, state: dict[str, Any], direction: str) -> None:
+        """Refuse to continue a checkpoint under a config (or objective) it was not made with:
+        the trajectory would silently become another run's."""
+        made_with = state.get("config")
+        if made_with is not None and made_with != self.defining:
+            changes = config_changes(made_with, self.defining)
+            raise RunDirError(f"{self.store.config_path}: {'; '.join(changes[:3])}"
+                              f"{f' (and {len(changes) - 3} more)' if len(changes) > 3 else ''} since the run "
+                              f"started; on resume only {', '.join(RESUMABLE_CHANGES)} may change; "
+                              f"start a new run for the rest")
+        made_for = state.get("direction") or (self.store.read_best() or {}).get("direction")
+        if made_for is not None and made_for != direction:
+            raise RunDirError(f"{self.store.path}: the run was made to {made_for} and its objective now says "
+                              f"{direction} (its values and best would mix both); start a new run")
 
     def _interrupted(self, saved: dict[str, Any], optimizer: Optimizer, space: Space, direction: str,
                      callbacks: list[Any]) -> None:
@@ -331,12 +376,12 @@ class Runner:
             else:
                 losses.append(None)
                 n_failed, last_error = n_failed + 1, result.error
-        self.store.append_trials(records)
+        digest = self.store.append_trials(records, state["trials_digest"])
         optimizer.tell(candidates, losses)
         # the round's outcome enters the state in one step, after the trials are written and told
         state.update({"round": index + 1, "n_evals": state["n_evals"] + len(candidates), "n_failed": n_failed,
                       "last_error": last_error, "round_best": round_best, "best_changed": best is not state["best"],
-                      "best": best})
+                      "best": best, "trials_digest": digest})
 
     def _best_json(self, state: dict[str, Any], optimizer: Optimizer, space: Space, direction: str) -> dict[str, Any]:
         """best.json's content; its counts say how far the run was when it was written."""
@@ -369,30 +414,41 @@ def start_run(config: RunConfig, run_dir: str | Path, overwrite: bool = False,
     if plan_.space is not None and config.space is None:
         resolved = resolved.model_copy(update={"space": plan_.space.to_config()})
     store = RunStore(run_dir, fsync=config.fsync)
-    store.check_new(overwrite)  # fail fast, before the objective is built
-    return Runner(plan_, store).execute(
-        resume=False, create=lambda: store.create(dump_config(resolved), overwrite=overwrite))
+    store.check_new(overwrite)  # fail fast, before the objective is built (and before any lock file)
+    existed = store.path.exists()
+    try:
+        with store.lock():
+            store.check_new(overwrite)  # again, now that no other process can be creating it
+            return Runner(plan_, store, run_defining(resolved)).execute(
+                resume=False, create=lambda: store.create(dump_config(resolved), overwrite=overwrite))
+    finally:
+        if not existed and not store.exists():  # rejected before the run began: leave nothing behind
+            store.lock_path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                store.path.rmdir()
 
 
 def resume_run(run_dir: str | Path, budget_overrides: dict[str, Any] | None = None,
-               quiet: bool = False) -> dict[str, Any]:
-    """Continue a run from its newest readable checkpoint (or from the start if it has none)."""
+               quiet: bool = False, trust_checkpoint: bool = False) -> dict[str, Any]:
+    """Continue a run from its newest readable checkpoint (or from the start if it has none).
+    ``trust_checkpoint`` loads checkpoints this user's key did not sign (they run code)."""
     from .config import read_yaml
 
-    store = RunStore(run_dir)
+    store = RunStore(run_dir, trust_checkpoints=trust_checkpoint)
     store.require()
-    data = read_yaml(store.config_path)
-    if budget_overrides:
-        data.setdefault("budget", {}).update(budget_overrides)
-    config = validate(data)
-    store.fsync = config.fsync
-    if budget_overrides:
-        from .store import atomic_write_text
-        atomic_write_text(store.config_path, dump_config(config))
-    if store.load_checkpoint() is None:  # killed before the first checkpoint: start over
-        for path in store.optimizer_dir.glob("*"):
-            path.unlink()
-    plan_ = plan(config)
-    if quiet:
-        plan_.drop_callback("progress")
-    return Runner(plan_, store).execute(resume=True)
+    with store.lock():
+        data = read_yaml(store.config_path)
+        if budget_overrides:
+            data.setdefault("budget", {}).update(budget_overrides)
+        config = validate(data)
+        store.fsync = config.fsync
+        plan_ = plan(config)
+        if quiet:
+            plan_.drop_callback("progress")
+        checkpoint = store.load_checkpoint()
+        if budget_overrides:
+            atomic_write_text(store.config_path, dump_config(config))
+        if checkpoint is None:  # killed before the first checkpoint: start over
+            for path in store.optimizer_dir.glob("*"):
+                path.unlink()
+        return Runner(plan_, store).execute(resume=True)

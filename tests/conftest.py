@@ -9,12 +9,17 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
+
+# Checkpoints are signed with a per-user key; the suite uses its own (inherited by subprocesses)
+# rather than creating one in the home directory of whoever runs it.
+os.environ["CALIBRI_KEY_FILE"] = os.path.join(tempfile.mkdtemp(prefix="calibri-test-key-"), "checkpoint.key")
 
 
 def cli_env(**extra: str) -> dict[str, str]:

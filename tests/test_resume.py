@@ -12,7 +12,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import pickle
 import random
 import re
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from calibri.core.store import read_checkpoint
 from conftest import cli_command, cli_env
 
 BACKENDS = ["nevergrad.cma", "nevergrad.de", "nevergrad.pso", "nevergrad.oneplusone", "optuna.tpe",
@@ -96,8 +96,8 @@ def checkpoint_files(run_dir: Path) -> list[Path]:
 
 
 def load_pickle(path: Path) -> dict:
-    with open(path, "rb") as handle:
-        return pickle.load(handle)
+    """A checkpoint's state (signed by the suite's key)."""
+    return read_checkpoint(path)
 
 
 def newest_checkpoint(run_dir: Path) -> dict | None:
@@ -290,14 +290,17 @@ def test_half_written_checkpoint_falls_back_to_previous(tmp_path, cli_inproc):
 @skipped_checkpoint_warning
 @pytest.mark.parametrize("backend", ["nevergrad.de", "optuna.tpe"])
 def test_all_checkpoints_unreadable_starts_over(backend, tmp_path, cli_inproc):
-    """No readable checkpoint: resume starts over (stale trials and optuna journal discarded)."""
+    """No loadable checkpoint: resume refuses (they might be another user's); trusted, it finds them
+    all unreadable and starts over (stale trials and optuna journal discarded)."""
     run_a, run_b = _reference_and_partial(tmp_path, cli_inproc, backend)
     assert checkpoint_files(run_b)
     for path in checkpoint_files(run_b):
         path.write_bytes(b"\x80\x05garbage")
     with open(run_b / "trials.jsonl", "a") as handle:
         handle.write('{"round": 5, "cand')
-    result = cli_inproc("resume", "B", "--rounds", "8")
+    refused = cli_inproc("resume", "B", "--rounds", "8")
+    assert refused.returncode == 2 and "--trust-checkpoint" in refused.stderr, refused.stderr
+    result = cli_inproc("resume", "B", "--rounds", "8", "--trust-checkpoint")
     assert result.returncode == 0, result.stderr
     assert_same_run(run_a, run_b)
 

@@ -394,13 +394,15 @@ def test_modules_in_the_working_directory_import(tmp_path, executor):
 
 def test_resume_refuses_a_run_whose_objective_changed_direction(tmp_path, cli_inproc):
     """A run made to minimise must not go on maximising (e.g. a reward whose direction was fixed
-    since): its best and its optimiser's history would mix both senses."""
+    since, with the config unchanged): its best and its optimiser's history would mix both senses."""
+    from calibri.core.store import RunStore, read_checkpoint
+
     run_ok(cli_inproc, "run", python_config(tmp_path, "sphere", budget={"rounds": 2}), "-o", "D", "--quiet")
-    config = yaml.safe_load((tmp_path / "D" / "config.yaml").read_text())
-    config["objective"]["options"]["direction"] = "maximize"
-    (tmp_path / "D" / "config.yaml").write_text(yaml.safe_dump(config))
+    store = RunStore(tmp_path / "D")
+    newest = store.checkpoint_files()[-1]
+    store.save_checkpoint({**read_checkpoint(newest), "direction": "maximize"})  # as if made by a maximiser
     before = (tmp_path / "D" / "trials.jsonl").read_bytes()
     result = cli_inproc("resume", "D", "--rounds", "4", "--quiet")
     assert result.returncode == 2
-    assert "the run was made to minimize and its objective now says maximize" in result.stderr
+    assert "the run was made to maximize and its objective now says minimize" in result.stderr
     assert (tmp_path / "D" / "trials.jsonl").read_bytes() == before
