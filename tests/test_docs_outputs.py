@@ -3,11 +3,12 @@
 Every fenced block line ``$ calibri ...`` (or ``$ .venv/bin/calibri ...``) followed by output lines is
 run, from a folder that holds the repository's ``examples/``, and what it prints on standard
 output compared line by line: ``...`` stands for any number of lines; progress-bar lines (on
-standard error, timing-dependent) are left out of the comparison. Numbers are compared exactly on
-the locked versions (requirements/constraints.txt), where calibri promises the same trajectory for
-the same config and seed; on other versions (``make test-latest``, ``make test-oldest``) the
-optimisers' own arithmetic may differ, so there numbers are masked and the rest must match. Blocks that need something the test cannot provide are listed in
-``NOT_RUN`` with the reason.
+standard error, timing-dependent) are left out of the comparison. Numbers are masked: calibri
+promises the same trajectory for the same config and seed on one machine, but the optimisers'
+linear algebra runs on BLAS kernels chosen for the CPU (OpenBLAS picks AVX-512 or AVX2 code), so a
+150-round CMA-ES run ends on a different best value on another CPU, even on the locked versions.
+Everything else (messages, layout, which lines appear) must match. Blocks that need something the
+test cannot provide are listed in ``NOT_RUN`` with the reason.
 """
 from __future__ import annotations
 
@@ -72,23 +73,6 @@ def samples() -> list[Sample]:
 NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?")
 
 
-def on_locked_versions() -> bool:
-    """Whether every package pinned in requirements/constraints.txt is installed at that version."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    for line in (ROOT / "requirements" / "constraints.txt").read_text().splitlines():
-        name, sep, pinned = line.partition("==")
-        if not sep or line.startswith("#") or name == "pip":
-            continue
-        try:
-            installed = version(name)
-        except PackageNotFoundError:
-            return False
-        if installed.split("+")[0] != pinned:
-            return False
-    return True
-
-
 def masked(lines: tuple[str, ...] | list[str]) -> list[str]:
     return [NUMBER.sub("<n>", line) for line in lines]
 
@@ -121,7 +105,6 @@ def test_sample_output_is_what_the_command_prints(sample: Sample, tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     printed = [line for line in proc.stdout.splitlines() if line.strip()]
     expected = tuple(line for line in sample.output if line.strip() and not PROGRESS_BAR.match(line))
-    if not on_locked_versions():
-        expected, printed = tuple(masked(expected)), masked(printed)
+    expected, printed = tuple(masked(expected)), masked(printed)
     assert matches(expected, printed), (
         f"{sample} shows:\n" + "\n".join(expected) + "\n\nbut it prints:\n" + "\n".join(printed))
