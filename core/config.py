@@ -54,7 +54,7 @@ class OptimizerConfig(PluginSpec):
 
 class ExecutorConfig(PluginSpec):
     name: str = "serial"
-    workers: int = Field(default=1, ge=1)
+    workers: int = Field(default=1, ge=1, le=1024)
     devices: list[str] | None = None
 
 

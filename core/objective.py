@@ -64,6 +64,8 @@ class EvalResult:
         except (TypeError, ValueError) as exc:
             return EvalResult.failure(f"objective returned {exc}")
         try:
+            if isinstance(self.value, (str, bytes)):  # float("0.5") would pass: a bug, not a value
+                raise TypeError
             value = float(self.value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             return EvalResult.failure(f"objective returned a non-number: {_short(self.value)}")

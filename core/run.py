@@ -80,6 +80,18 @@ def config_changes(before: Any, after: Any, prefix: str = "") -> list[str]:
     return [] if before == after else [f"{prefix or 'config'} changed from {before!r} to {after!r}"]
 
 
+def refuse_changed_config(state: dict[str, Any], defining: dict[str, Any], config_path: Path) -> None:
+    """A one-line :class:`RunDirError` saying what changed when ``defining`` differs from the
+    run-defining config ``state`` was checkpointed under."""
+    made_with = state.get("config")
+    if made_with is None or made_with == defining:
+        return
+    changes = config_changes(made_with, defining)
+    more = f" (and {len(changes) - 3} more)" if len(changes) > 3 else ""
+    raise RunDirError(f"{config_path}: {'; '.join(changes[:3])}{more} since the run started; on resume only "
+                      f"{', '.join(RESUMABLE_CHANGES)} may change; start a new run for the rest")
+
+
 @dataclass
 class Plan:
     """A config checked against the registry: everything resolved that can be without building
@@ -303,15 +315,9 @@ class Runner:
         return summary
 
     def _check_resumable(self, state: dict[str, Any], direction: str) -> None:
-        """Refuse to continue a checkpoint under a config (or objective) it was not made with:
+        """Refuse to continue a checkpoint under a config or an objective it was not made with:
         the trajectory would silently become another run's."""
-        made_with = state.get("config")
-        if made_with is not None and made_with != self.defining:
-            changes = config_changes(made_with, self.defining)
-            raise RunDirError(f"{self.store.config_path}: {'; '.join(changes[:3])}"
-                              f"{f' (and {len(changes) - 3} more)' if len(changes) > 3 else ''} since the run "
-                              f"started; on resume only {', '.join(RESUMABLE_CHANGES)} may change; "
-                              f"start a new run for the rest")
+        refuse_changed_config(state, self.defining, self.store.config_path)
         made_for = state.get("direction") or (self.store.read_best() or {}).get("direction")
         if made_for is not None and made_for != direction:
             raise RunDirError(f"{self.store.path}: the run was made to {made_for} and its objective now says "
@@ -442,10 +448,13 @@ def resume_run(run_dir: str | Path, budget_overrides: dict[str, Any] | None = No
             data.setdefault("budget", {}).update(budget_overrides)
         config = validate(data)
         store.fsync = config.fsync
+        checkpoint = store.load_checkpoint()
+        if checkpoint is not None:  # before anything is built or written
+            refuse_changed_config(checkpoint, run_defining(config), store.config_path)
+            store.verify_trials(checkpoint["n_evals"], checkpoint.get("trials_digest"))
         plan_ = plan(config)
         if quiet:
             plan_.drop_callback("progress")
-        checkpoint = store.load_checkpoint()
         if budget_overrides:
             atomic_write_text(store.config_path, dump_config(config))
         if checkpoint is None:  # killed before the first checkpoint: start over

@@ -171,10 +171,14 @@ class RunStore:
         running = EMPTY_DIGEST
         if count == 0:
             return running
+        if not self.trials_path.exists():
+            raise RunDirError(f"{self.trials_path}: missing, but the checkpoint covers {count} lines")
+        complete = 0
         with open(self.trials_path, "rb") as handle:
             for number, line in enumerate(handle):
-                if number == count:
+                if number == count or not line.endswith(b"\n"):
                     break
+                complete += 1
                 running = chain_digest(running, line)
                 if digest is None:
                     try:
@@ -184,6 +188,8 @@ class RunStore:
                     if candidate != number:
                         raise RunDirError(f"{self.trials_path}: line {number + 1} holds candidate {candidate!r}, "
                                           f"expected {number} (duplicated or edited lines); start a new run")
+        if complete < count:
+            raise RunDirError(f"{self.trials_path}: has {complete} complete lines, the checkpoint covers {count}")
         if digest is not None and running != digest:
             raise RunDirError(f"{self.trials_path}: differs from what the checkpoint recorded (lines edited, "
                               f"duplicated or appended by another process); start a new run")
@@ -286,8 +292,7 @@ class RunStore:
             try:
                 state = read_checkpoint(path, trust=self.trust_checkpoints)
             except UntrustedCheckpoint as exc:
-                untrusted.append(path)
-                warnings.warn(f"calibri: skipping unreadable checkpoint {path}: {exc}", RuntimeWarning, stacklevel=2)
+                untrusted.append((path, exc))
                 continue
             except Exception as exc:
                 warnings.warn(f"calibri: skipping unreadable checkpoint {path}: {type(exc).__name__}: {exc}",
@@ -299,9 +304,11 @@ class RunStore:
                                   f"from the one before")
             states.append(state)
         if not states and untrusted:
-            raise RunDirError(f"{untrusted[-1]}: not signed with this user's checkpoint key ({signing.key_path()}), "
+            raise RunDirError(f"{untrusted[-1][0]}: not signed with this user's checkpoint key ({signing.key_path()}), "
                               f"or damaged; loading a checkpoint runs code, so resume with --trust-checkpoint "
                               f"only if you trust where this run directory came from")
+        for path, exc in untrusted:  # an older signed one is used: say which were passed over
+            warnings.warn(f"calibri: skipping unreadable checkpoint {path}: {exc}", RuntimeWarning, stacklevel=2)
         return max(states, key=lambda state: state["round"]) if states else None
 
     def is_finished(self) -> bool:
