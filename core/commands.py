@@ -18,9 +18,11 @@ def _default_run_dir(config_path: str, name: str | None) -> Path:
 def _report(summary: dict) -> None:
     best = summary.get("best")
     if best:
+        failed_validations = (summary.get("validation") or {}).get("failures")
         click.echo(f"best {summary['direction'][:3]} value {best['value']:.6g} at round {best['round']} "
                    f"(candidate {best['candidate']}); {summary['evaluations']} evaluations, "
-                   f"{summary['failures']} failed")
+                   f"{summary['failures']} failed"
+                   + (f", {failed_validations} validation evaluations failed" if failed_validations else ""))
     click.echo(f"run directory: {summary['run_dir']}")
 
 

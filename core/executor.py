@@ -7,6 +7,7 @@ the same contract run in-process, in local processes, or on a distributed cluste
 from __future__ import annotations
 
 import inspect
+import re
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -14,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
 from .objective import Direction, EvalResult, Objective, RoundContext, as_result
 from .space import Params, Space
 
@@ -55,6 +57,50 @@ def _parameters(factory: Any) -> set[str]:
         return set()
 
 
+_DEVICE = re.compile(r"(?P<kind>cuda|mps)(:(?P<index>[0-9]+))?")
+
+
+def check_devices(devices: Sequence[str] | None) -> None:
+    """Refuse an ``executor.devices`` entry that cannot work, before any worker starts: a
+    malformed ``cuda``/``mps`` name, or a GPU this machine's torch does not see. Other names
+    (``cpu``, or one an objective defines) are passed through. torch is imported only when an
+    entry names cuda or mps."""
+    for entry in devices or ():
+        if not isinstance(entry, str) or not entry.strip() or entry != entry.strip():
+            raise ConfigError("executor.devices", f"{entry!r} is not a device name")
+        lower = entry.lower()
+        if lower.startswith("gpu"):
+            raise ConfigError("executor.devices", f"unknown device {entry!r} (CUDA devices are cuda:0, cuda:1, ...)")
+        if not lower.startswith(("cuda", "mps")):
+            continue
+        match = _DEVICE.fullmatch(entry)
+        if match is None:
+            kind = "cuda" if lower.startswith("cuda") else "mps"
+            raise ConfigError("executor.devices", f"unknown device {entry!r} (expected {kind} or {kind}:N)")
+        try:
+            import torch
+        except ImportError:
+            raise ConfigError("executor.devices", f"{entry!r} needs torch, which is not installed") from None
+        index = int(match["index"] or 0)
+        if match["kind"] == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError("executor.devices", f"{entry!r}: CUDA is not available "
+                                                      f"(torch {torch.__version__} sees no CUDA device)")
+            count = torch.cuda.device_count()
+            if index >= count:
+                have = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+                raise ConfigError("executor.devices", f"{entry!r}: device index out of range (this machine has "
+                                                      f"{count} CUDA device{'s' if count != 1 else ''}: {have})")
+        else:
+            mps = getattr(torch.backends, "mps", None)
+            if mps is None or not mps.is_available():
+                raise ConfigError("executor.devices", f"{entry!r}: MPS is not available "
+                                                      f"(torch {torch.__version__})")
+            if index > 0:
+                raise ConfigError("executor.devices", f"{entry!r}: device index out of range "
+                                                      f"(MPS has one device, mps:0)")
+
+
 def _error_text(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
@@ -80,7 +126,7 @@ def evaluate_batch(objective: Objective, candidates: Sequence[Params], ctx: Roun
         for result in results:
             result.wall_time = share
         return results
-    except Exception as batch_error:
+    except (Exception, SystemExit) as batch_error:  # sys.exit() in an objective fails its candidate
         if len(candidates) == 1:
             result = EvalResult.failure(_error_text(batch_error))
             result.wall_time = time.perf_counter() - start

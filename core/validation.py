@@ -8,9 +8,12 @@ optimiser's recommendation and the incumbent, on the same held-out data with the
 The point with the best validation value is the run's selected result. Validation goes through
 the executor like any round, so its values do not depend on the number of workers; its records
 (``validation.jsonl``) and the selection are part of the checkpoint, so a resume continues them.
+A validation evaluation that fails (after the executor's own retries) is warned about on stderr
+and counted (``failures`` in the summary), never silently dropped.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from .executor import Executor
@@ -63,6 +66,11 @@ class Validator:
                             "seed": int(seed), **({"error": result.error} if result.error else {})})
         self.store.append_validation(records)
         state["count"] += len(records)
+        for record in records:  # never silent: a failed validation cannot be selected
+            if record["status"] != "ok":
+                state["failures"] = state.get("failures", 0) + 1
+                warnings.warn(f"calibri: validation of the {record['source']} after round {rounds_done} failed: "
+                              f"{record.get('error')}", RuntimeWarning, stacklevel=3)
         return records
 
     def _consider(self, state: dict[str, Any], record: dict[str, Any]) -> None:
@@ -78,7 +86,8 @@ class Validator:
         if state["baseline"] is None and state["selected"] is None:
             return None
         baseline, selected = state["baseline"], state["selected"]
-        return {"evaluations": state["count"],
+        failures = state.get("failures", 0)
+        return {"evaluations": state["count"], **({"failures": failures} if failures else {}),
                 "baseline": None if baseline is None else baseline["value"],
                 "selected": None if selected is None else {k: selected[k] for k in ("value", "source", "after_round",
                                                                                     "params")}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import threading
 import time
 import uuid
@@ -186,6 +187,94 @@ def counting_objective(marker_dir: str, dim: int = 2, sleep: float = 0.0, fail_a
     return CountingObjective(marker_dir, dim, sleep, fail_above, noise, rendezvous, device)
 
 
+# -- the ``test.faulty`` plugin objective: workers that die on cue --------------------------------
+def _claim(path: Path) -> bool:
+    """True for exactly one caller across processes: whoever creates ``path`` first."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _die(how: str) -> None:
+    if how == "exit":
+        os._exit(3)
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "systemexit":
+        raise SystemExit(3)
+    raise ValueError(f"unknown way to die: {how!r}")
+
+
+class FaultyObjective(Objective):
+    """``x[0..dim-1]`` sphere evaluated in batches, whose process dies on cue (``how``: ``exit``
+    is ``os._exit(3)``, ``kill`` a SIGKILL to itself, ``systemexit`` raises ``SystemExit(3)``).
+
+    ``die_above``: a batch holding a candidate with ``x[0]`` above it dies, every time (a
+    poisoned candidate). ``die_once``: round indices (``-1``: validation) whose first
+    ``die_count`` batches die once; marker files in ``marker_dir`` let the re-runs succeed.
+    ``die_in_build``: ``once`` or ``always``, while the objective is built. ``hold``: each
+    batch leaves ``busy-<pid>`` and waits while ``marker_dir/hold`` exists (at most 60 s).
+    Each batch that completes leaves ``batch-<round>-<pid>-<id>`` holding its size, and each
+    result reports its process and ``OMP_NUM_THREADS`` in artifacts.
+    """
+
+    def __init__(self, marker_dir: str, dim: int = 2, how: str = "exit", die_above: float | None = None,
+                 die_once: Sequence[int] = (), die_count: int = 1, die_in_build: str | None = None,
+                 hold: bool = False) -> None:
+        self.marker_dir = Path(marker_dir)
+        self.marker_dir.mkdir(parents=True, exist_ok=True)
+        if die_in_build == "always" or (die_in_build == "once" and _claim(self.marker_dir / "died-build")):
+            _die(how)
+        self.space = counting_space(dim)
+        self.how, self.die_above, self.die_once, self.die_count = how, die_above, tuple(die_once), die_count
+        self.hold = hold
+
+    def evaluate(self, candidates: Sequence[Params], ctx: RoundContext) -> list[EvalResult]:
+        if self.hold:
+            (self.marker_dir / f"busy-{os.getpid()}").write_text("")
+            deadline = time.monotonic() + 60
+            while (self.marker_dir / "hold").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        if self.die_above is not None and any(float(p["x[0]"]) > self.die_above for p in candidates):
+            _die(self.how)
+        if ctx.round in self.die_once and any(_claim(self.marker_dir / f"died-{ctx.round}-{i}")
+                                              for i in range(self.die_count)):
+            _die(self.how)
+        (self.marker_dir / f"batch-{ctx.round}-{os.getpid()}-{uuid.uuid4().hex}").write_text(str(len(candidates)))
+        artifacts = {"pid": os.getpid(), "threads": os.environ.get("OMP_NUM_THREADS")}
+        return [EvalResult(value=_sphere(p), artifacts=artifacts) for p in candidates]
+
+
+class FaultyStream:
+    """No training data; a validation set (seed 11), so runs of ``test.faulty`` can validate."""
+
+    has_validation = True
+
+    def next_round(self, round_index: int) -> dict[str, Any]:
+        return {}
+
+    def validation_data(self) -> tuple[int, dict[str, Any]]:
+        return 11, {"split": "validation"}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Any) -> None:
+        pass
+
+
+def faulty_stream(seed: int = 0, **_: Any) -> FaultyStream:
+    return FaultyStream()
+
+
+def read_batches(marker_dir: str | Path, round_index: int | None = None) -> list[int]:
+    """Sizes of the completed batches of ``test.faulty`` (of one round, or of all)."""
+    pattern = "batch-*" if round_index is None else f"batch-{round_index}-*"
+    return sorted(int(p.read_text()) for p in Path(marker_dir).glob(pattern))
+
+
 class Pause:
     """A run callback that sleeps after each round (the main process is busy between rounds)."""
 
@@ -199,6 +288,7 @@ class Pause:
 @hookimpl
 def calibri_register_objectives(register):
     register("test.counting", counting_objective, space=counting_space)
+    register("test.faulty", FaultyObjective, space=counting_space, stream=faulty_stream)
 
 
 @hookimpl
