@@ -87,6 +87,18 @@ def test_evaluate_command_bad_input_is_one_line(run_dir, cli, args, message):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_the_reward_option_replaces_a_runs_reward(run_dir):
+    """``calibri evaluate RUN --reward R`` judges with R: the option is not ignored on a run directory."""
+    from calibri.plugins.dit.report import load_run_objective
+
+    objective, _, _ = load_run_objective(run_dir, reward="brightness")
+    try:
+        assert objective.options.reward == "brightness" and type(objective.reward).__name__ != "Colorfulness"
+    finally:
+        objective.close()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["objective"]["options"]["reward"] == "colorfulness"
+
+
 def test_evaluate_command_on_missing_or_foreign_targets(cli, tmp_path):
     result = cli("evaluate", tmp_path / "nothing.json")
     assert result.returncode == 2 and "no such calibration file" in result.stderr

@@ -240,3 +240,19 @@ def test_pipeline_save_load_round_trip(name, pipes, tmp_path):
     assert loaded.tokenizer.model_max_length == pipe.tokenizer.model_max_length
     np.testing.assert_allclose(_generate(loaded, UNICODE_PROMPT), _generate(pipe, UNICODE_PROMPT),
                                rtol=ROUND_TRIP_RTOL, atol=ROUND_TRIP_ATOL)
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_image_size_multiple_from_the_configs_is_the_pipelines_own(name, pipes, tmp_path):
+    """What calibri checks ``height``/``width`` against before loading (from the saved configs)
+    is what the loaded pipeline needs: SD3 refuses anything else, FLUX and Qwen-Image resize."""
+    from calibri.plugins.dit.models import loaded_pixel_multiple, pixel_multiple
+
+    pipe = pipes[name]
+    pipe.save_config(tmp_path)
+    pipe.transformer.save_config(tmp_path / "transformer")
+    pipe.vae.save_config(tmp_path / "vae")
+    assert pixel_multiple(str(tmp_path)) == loaded_pixel_multiple(pipe) == 8
+    if name == "sd3":
+        with pytest.raises(ValueError, match="divisible by 8"):
+            _generate(pipe, height=36)

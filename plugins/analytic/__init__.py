@@ -12,6 +12,9 @@ from calibri.core.hookspecs import hookimpl
 from calibri.core.objective import EvalResult, FunctionObjective, Objective, RoundContext
 from calibri.core.space import Float, Params, Space
 
+#: The largest dimension an analytic objective builds: beyond it the space alone takes gigabytes.
+MAX_DIM = 10_000
+
 
 def sphere(x: np.ndarray) -> np.ndarray:
     return np.sum(x**2, axis=-1)
@@ -51,6 +54,8 @@ def vector_space(dim: int, low: float, high: float, init: float, name: str = "x"
     """``dim`` floats ``x[0] ... x[dim-1]`` on ``[low, high]``, all starting at ``init``."""
     if dim < 1:
         raise ConfigError("objective.options.dim", f"must be at least 1, got {dim}")
+    if dim > MAX_DIM:
+        raise ConfigError("objective.options.dim", f"must be at most {MAX_DIM}, got {dim}")
     if not low < high:
         raise ConfigError("objective.options.low", f"low ({low:g}) must be below high ({high:g})")
     if not low <= init <= high:

@@ -27,6 +27,10 @@ SCALE_BOUNDS = (-1.0, 2.0)
 OMEGA_BOUNDS = (-10.0, 10.0)
 SCALE_SIGMA = 0.25
 ENSEMBLE_HOOK = "calibri_ensemble"
+#: Upper bounds on what multiplies the searched parameters (the paper uses 2 copies and 1 bucket):
+#: beyond them the table, the space and the optimiser's state grow past any useful search.
+MAX_COPIES = 16
+MAX_TIME_BUCKETS = 32
 
 
 def find_adapter(model: Any) -> Adapter:
@@ -228,8 +232,10 @@ class Calibrator:
                 raise ValueError("the cfg form has exactly two copies (conditional, unconditional)")
             if guidance_scale is None or guidance_scale == 1.0:
                 raise ValueError("the cfg form needs the pipeline's guidance_scale (not 1)")
-        if time_buckets < 1:
-            raise ValueError(f"time_buckets must be at least 1, got {time_buckets}")
+        if not 1 <= copies <= MAX_COPIES:
+            raise ValueError(f"copies must be between 1 and {MAX_COPIES}, got {copies}")
+        if not 1 <= time_buckets <= MAX_TIME_BUCKETS:
+            raise ValueError(f"time_buckets must be between 1 and {MAX_TIME_BUCKETS}, got {time_buckets}")
         self.copies = copies
         self.time_buckets = time_buckets
         self.guidance_scale = guidance_scale

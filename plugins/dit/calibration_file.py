@@ -26,11 +26,14 @@ from typing import Any
 
 from calibri.core.errors import UserError
 
-from .calibration import Calibrator
+from .calibration import MAX_COPIES, MAX_TIME_BUCKETS, Calibrator
 from .sites import GRANULARITIES
 
 FORMAT = "calibri.calibration"
 VERSION = 1
+#: A calibration of every gate of the largest supported model, per copy and time bucket, is well
+#: under this; reading stops here (a device file, or the wrong file given).
+MAX_FILE_BYTES = 16 << 20
 
 
 class CalibrationMismatch(UserError):
@@ -69,13 +72,12 @@ def save_calibration(calibrator: Calibrator, path: str | Path) -> Path:
 
 def load_calibration(path: str | Path) -> dict[str, Any]:
     """Read and check a calibration file; one-line errors name the file."""
+    from .models import read_json_file
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such calibration file")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not a readable calibration file: {exc}") from None
+    document = read_json_file(path, "calibration file", MAX_FILE_BYTES)
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise UserError(f"{path}: not a calibri calibration file (format is not {FORMAT!r})")
     if document.get("version") != VERSION:
@@ -100,10 +102,12 @@ def _check_fields(path: Path, document: dict[str, Any]) -> None:
         fail(f"granularity {document['granularity']!r} is not one of {', '.join(GRANULARITIES)}")
     if document["form"] not in ("single", "distilled", "cfg"):
         fail(f"form {document['form']!r} is not one of single, distilled, cfg")
-    for key in ("copies", "time_buckets"):
+    for key, most in (("copies", MAX_COPIES), ("time_buckets", MAX_TIME_BUCKETS)):
         count = document.get(key, 1)
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             fail(f"{key} must be a positive integer, got {count!r}")
+        if count > most:
+            fail(f"{key} must be at most {most}, got {count}")
     guidance = document.get("guidance_scale")
     if guidance is not None and not _number(guidance):
         fail(f"guidance_scale must be a number or null, got {guidance!r}")

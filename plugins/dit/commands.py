@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import click
 
@@ -19,20 +21,26 @@ GRANULARITY = click.Choice(["block", "layer", "gate"])
 def sites_command(model_config: str, granularity: str, copies: int, form: str | None,
                   guidance_scale: float | None, as_json: bool) -> None:
     """List a DiT's Calibri scale sites (built on the meta device: no weights are loaded)."""
-    from .calibration import Calibrator, find_adapter
-    from .models import build_on_meta, load_model_config
+    from calibri.core.errors import UserError
 
+    from .calibration import Calibrator, find_adapter
+    from .models import build_on_meta, finite_number, load_model_config
+    from .objective import MAX_GUIDANCE
+
+    if guidance_scale is not None:
+        finite_number(guidance_scale, "--guidance-scale", MAX_GUIDANCE)
     config = load_model_config(model_config)
-    model = build_on_meta(config)
+    model = build_on_meta(config, model_config)
     family_cfg = form is None and copies > 1 and find_adapter(model).default_form == "cfg"
     if (form == "cfg" or family_cfg) and guidance_scale is None:
         guidance_scale = 7.0
     try:
         calibrator = Calibrator(model, granularity, copies, form, guidance_scale)  # type: ignore[arg-type]
     except ValueError as exc:
-        from calibri.core.errors import UserError
         raise UserError(str(exc)) from None
     per_copy = len(calibrator.sites)
+    if per_copy == 0:
+        raise UserError(f"{model_config}: this {type(model).__name__} has no blocks, so no Calibri sites")
     summary = {
         "model_class": type(model).__name__, "architecture": calibrator.adapter.name,
         "granularity": granularity, "copies": copies, "form": calibrator.form,
@@ -54,38 +62,110 @@ def sites_command(model_config: str, granularity: str, copies: int, form: str | 
 @click.argument("model_dir", type=click.Path())
 @click.argument("calibration", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder for the baked transformer.")
-def bake_command(model_dir: str, calibration: str, output: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def bake_command(model_dir: str, calibration: str, output: str, overwrite: bool) -> None:
     """Fold CALIBRATION into the transformer saved in MODEL_DIR and save it the diffusers way.
 
     MODEL_DIR is a transformer folder (config.json + weights) or a pipeline folder with a
     transformer/ subfolder. The result loads as a plain diffusers model with from_pretrained.
+    Everything is checked before the weights load; the output folder appears only once complete.
     """
-    from pathlib import Path
-
     from calibri.core.errors import UserError
 
     from .calibration_file import apply_calibration, load_calibration
-    from .models import load_model_config
+    from .models import load_model_config, load_transformer
 
     folder = Path(model_dir)
     if (folder / "transformer" / "config.json").exists():
         folder = folder / "transformer"
-    config = load_model_config(folder) if folder.exists() else None
-    if config is None:
-        raise UserError(f"{model_dir}: no such model folder")
-    load_calibration(calibration)
-    import diffusers
-
-    model = getattr(diffusers, config["_class_name"]).from_pretrained(folder)
+    if not folder.is_dir():
+        raise UserError(f"{model_dir}: no such model folder" if not folder.exists() else f"{model_dir}: not a folder")
+    if not (folder / "config.json").exists():
+        raise UserError(f"{model_dir}: not a transformer or pipeline folder (no config.json or transformer/config.json)")
+    config = load_model_config(folder)
+    document = load_calibration(calibration)
+    copies, buckets = document["copies"], document.get("time_buckets", 1)
+    if copies != 1 or buckets != 1:
+        kind = f"an ensemble of {copies} copies" if copies != 1 else f"timestep-dependent ({buckets} time buckets)"
+        raise UserError(f"{calibration}: {kind}: such a calibration cannot be baked into one set of weights; "
+                        f"apply it at run time with apply_calibration")
+    out = Path(output)
+    _check_output(out, overwrite, [folder, Path(model_dir), Path(calibration)])
+    model = load_transformer(folder, config)
     calibrator = apply_calibration(model, calibration)
     calibrator.bake()
     calibrator.detach_hooks_keep_weights()
-    model.save_pretrained(output)
+    _write_folder(out, model.save_pretrained)
     click.echo(f"baked {len(calibrator.sites)} sites into {output}")
 
 
-def _numbers(text: str | None, kind: type, option: str) -> list:
+def _check_output(out: Path, overwrite: bool, keep: list[Path]) -> None:
+    """Refuse an output that would lose something: a file, a folder with content (without
+    ``--overwrite``), or a folder holding the model or calibration being baked."""
     from calibri.core.errors import UserError
+
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise UserError(f"-o/--output: {out} exists and is not a folder (bake writes a folder); remove it first")
+        if any(out.iterdir()) and not overwrite:
+            raise UserError(f"-o/--output: {out} already exists and is not empty; give --overwrite to replace it")
+        target = out.resolve()
+        for path in keep:
+            if path.exists() and (path.resolve() == target or target in path.resolve().parents):
+                raise UserError(f"-o/--output: {out} is or holds {path}, which baking reads; choose another folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"-o/--output: {parent} is a file, so {out} cannot be created")
+            break
+
+
+def _write_folder(out: Path, write: Callable[[Path], object]) -> None:
+    """``write(folder)`` into a temporary folder next to ``out``, then move it into place: a
+    failed or interrupted write leaves ``out`` as it was, and success is never claimed for a
+    folder that was not written."""
+    import os
+    import secrets
+    import shutil
+    import tempfile
+
+    from calibri.core.errors import UserError
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+        staging.mkdir()  # as a plain mkdir: the folder gets the user's usual permissions
+    except OSError as exc:
+        raise UserError(f"-o/--output: cannot create {out}: {exc.strerror or exc}") from None
+    try:
+        write(staging)
+        if not (staging / "config.json").is_file():
+            raise UserError(f"-o/--output: nothing was written to {out}")
+        if out.exists():  # an empty folder, or one --overwrite replaces
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "replaced")
+            try:
+                os.replace(staging, out)
+            except OSError:
+                os.replace(old / "replaced", out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except OSError as exc:
+        raise UserError(f"-o/--output: cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _numbers(text: str | None, kind: type, option: str) -> list:
+    """Comma-separated step counts (``int``: 1 to MAX_STEPS) or guidance scales (``float``: finite,
+    at most MAX_GUIDANCE in magnitude); a one-line error naming ``option``."""
+    from calibri.core.errors import UserError
+
+    from .models import finite_number
+    from .objective import MAX_GUIDANCE, MAX_STEPS
 
     if not text:
         return []
@@ -93,8 +173,14 @@ def _numbers(text: str | None, kind: type, option: str) -> list:
         values = [kind(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise UserError(f"{option}: expected comma-separated numbers, got {text!r}") from None
-    if kind is int and any(v < 1 for v in values):
-        raise UserError(f"{option}: step counts must be at least 1, got {text!r}")
+    if kind is int:
+        if any(v < 1 for v in values):
+            raise UserError(f"{option}: step counts must be at least 1, got {text!r}")
+        if any(v > MAX_STEPS for v in values):
+            raise UserError(f"{option}: step counts must be at most {MAX_STEPS}, got {text!r}")
+    else:
+        for value in values:
+            finite_number(value, option, MAX_GUIDANCE)
     return values
 
 
@@ -115,22 +201,35 @@ def evaluate_command(target: str, steps_text: str, guidance_text: str | None, pr
     """Baseline vs calibrated across NFE on held-out prompts and seeds.
 
     TARGET is a calibration run directory or a calibration file. Writes evaluation.csv,
-    evaluation.md and reward_vs_nfe.png, and prints the table.
+    evaluation.md and reward_vs_nfe.png, and prints the table. Every option is checked before
+    the model loads.
     """
-    from pathlib import Path
-
     from calibri.core.errors import UserError
 
     from .evaluation import evaluate, markdown_table, matching_nfe, plot_nfe, write_csv
+    from .models import check_device
+    from .objective import check_reward_spec
+    from .prompts import load_prompts
 
     steps = _numbers(steps_text, int, "--steps")
     guidance = _numbers(guidance_text, float, "--guidance")
     if not steps:
         raise UserError("--steps: give at least one step count")
+    if device is not None:
+        check_device(device, "--device")
+    if reward is not None:
+        check_reward_spec(reward, "--reward")
+    chosen = load_prompts(prompts, "--prompts") if prompts is not None else None
     path = Path(target)
-    objective, values, held = _evaluation_target(path, model, reward, device, prompts, seed)
     out = Path(output) if output else (path / "evaluation" if path.is_dir() else path.with_suffix("").parent / f"{path.stem}-evaluation")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o/--output: {out} exists and is not a folder")
+    objective, values, held = _evaluation_target(path, model, reward, device, chosen, seed)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        objective.close()
+        raise UserError(f"-o/--output: cannot create {out}: {exc.strerror or exc}") from None
     texts, metadata, image_seed = held
     variants = ["baseline", "calibrated", *[f"guidance={g:g}" for g in guidance]]
     total = len(steps) * len(variants)
@@ -157,35 +256,49 @@ def evaluate_command(target: str, steps_text: str, guidance_text: str | None, pr
     click.echo(f"written: {out}")
 
 
-def _evaluation_target(path, model, reward, device, prompts, seed):
-    """(objective, calibrated values, (prompts, metadata, seed)) for a run dir or a calibration file."""
-    from pathlib import Path
-
+def _evaluation_target(path, model, reward, device, chosen, seed):
+    """(objective, calibrated values, (prompts, metadata, seed)) for a run dir or a calibration file;
+    ``chosen`` is the ``--prompts`` set, already loaded (or None)."""
     import pydantic
 
-    from calibri.core.errors import UserError
+    from calibri.core.errors import ConfigError, UserError
 
     from .calibration_file import check_fits, load_calibration
-    from .models import SHIPPED_MODELS, resolve_model
-    from .objective import CalibriObjective, CalibriOptions
+    from .models import SHIPPED_MODELS, check_pipeline_source, resolve_model
+    from .objective import FIELD, CalibriObjective, CalibriOptions, check_reward_prompts
     from .prompts import load_prompts
     from .report import held_out, load_run_objective, run_best, selected_values
 
     if path.is_dir():
         if not (path / "config.yaml").exists():
             raise UserError(f"{path}: not a calibri run directory (no config.yaml)")
-        values, _ = selected_values(run_best(path))
-        objective, stream, _ = load_run_objective(path, device)
-        if prompts is None and not getattr(stream, "has_validation", False):
+        if model is not None:
+            raise UserError(f"--model: only with a calibration file; {path} is a run directory, "
+                            f"evaluated with the model it was run on")
+        values, _ = selected_values(run_best(path), path / "best.json")
+        objective, stream, _ = load_run_objective(path, device, reward)
+        try:
+            if chosen is None and not getattr(stream, "has_validation", False):
+                raise UserError(f"--prompts: {path} has no validation prompts; give held-out prompts to evaluate on")
+            if chosen is not None:
+                check_reward_prompts(objective.options.reward, chosen, "--prompts")
+        except UserError:
             objective.close()
-            raise UserError(f"--prompts: {path} has no validation prompts; give held-out prompts to evaluate on")
+            raise
         texts, metadata, image_seed = held_out(stream)
     else:
         document = load_calibration(path)
         name = model or document.get("model", {}).get("name_or_path") or ""
         if not name:
             raise UserError(f"{path}: the file names no model; give --model")
-
+        model_field = "--model" if model else f"{path}: model.name_or_path"
+        saved = Path(name)
+        if not model and saved.name == "transformer" and (saved.parent / "model_index.json").is_file():
+            name = str(saved.parent)  # the file names the transformer's folder: use its pipeline
+        try:
+            check_pipeline_source(name)
+        except UserError as exc:
+            raise UserError(f"{model_field}: {exc}") from None
         is_toy = name in SHIPPED_MODELS or Path(name).resolve() == Path(resolve_model("toy")).resolve()
         if reward is None and not is_toy:
             raise UserError("--reward: give the reward to evaluate with (e.g. hpsv3)")
@@ -198,9 +311,17 @@ def _evaluation_target(path, model, reward, device, prompts, seed):
             error = exc.errors()[0]
             where = ".".join(str(part) for part in error["loc"])
             raise UserError(f"{path}: {where}: {error['msg'].removeprefix('Value error, ')}") from None
-        if prompts is None and not is_toy:
+        if chosen is None and not is_toy:
             raise UserError("--prompts: give the held-out prompts to evaluate on")
-        objective = CalibriObjective(options)
+        if chosen is not None:
+            check_reward_prompts(options.reward, chosen, "--prompts")
+        try:
+            objective = CalibriObjective(options)
+        except ConfigError as exc:  # name what the user gave: an option of this command, not a config field
+            for prefix, option in ((f"{FIELD}.model", model_field), (f"{FIELD}.reward", "--reward")):
+                if exc.field == prefix or exc.field.startswith(prefix + "."):
+                    raise UserError(f"{option + exc.field[len(prefix):]}: {exc.message}") from None
+            raise
         try:
             check_fits(objective.calibrator, document, path)
         except Exception:
@@ -208,11 +329,10 @@ def _evaluation_target(path, model, reward, device, prompts, seed):
             raise
         values = {k: float(v) for k, v in document["values"].items()}
         image_seed = options.validation_seed
-        if prompts is None:  # the toy model: its shipped held-out prompts
+        if chosen is None:  # the toy model: its shipped held-out prompts
             shipped = load_prompts(options.validation_prompts, "--prompts")
             texts, metadata = list(shipped.prompts), list(shipped.metadata)
-    if prompts is not None:
-        chosen = load_prompts(prompts, "--prompts")
+    if chosen is not None:
         texts, metadata = list(chosen.prompts), list(chosen.metadata)
     if seed is not None:
         image_seed = seed

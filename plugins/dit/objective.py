@@ -14,6 +14,7 @@ it (:func:`calibri.core.options.validate_options`), and the factory and its extr
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -28,6 +29,23 @@ from calibri.core.space import Params, Space
 Granularity = Literal["block", "layer", "gate"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 FIELD = "objective.options"
+
+#: Upper bounds of the sizes the options set, so a typo (``1e6``) is refused before anything is
+#: built, never run for days: sampling steps, prompts per round, images per pipeline call, image
+#: side in pixels, and the magnitude of a guidance scale.
+MAX_STEPS = 1000
+MAX_BUCKET_SIZE = 1024
+MAX_BATCH_SIZE = 1024
+MAX_IMAGE_SIDE = 16384
+MAX_GUIDANCE = 100.0
+#: Pipeline arguments the objective sets itself, and the option that sets each (None: internal);
+#: the guidance argument is added per pipeline family (``guidance_scale``, ``true_cfg_scale``).
+MANAGED_ARGUMENTS: dict[str, str | None] = {
+    "num_inference_steps": "steps", "height": "height", "width": "width", "negative_prompt": "negative_prompt",
+    "prompt": None, "prompt_2": None, "prompt_3": None, "prompt_embeds": None, "pooled_prompt_embeds": None,
+    "prompt_embeds_mask": None, "negative_prompt_embeds": None, "negative_pooled_prompt_embeds": None,
+    "negative_prompt_embeds_mask": None, "generator": None, "output_type": None, "return_dict": None,
+}
 
 
 class CalibriOptions(pydantic.BaseModel):
@@ -75,9 +93,29 @@ class CalibriOptions(pydantic.BaseModel):
 
     @pydantic.field_validator("copies", "time_buckets", "bucket_size", "steps", "batch_size")
     @classmethod
-    def _at_least_one(cls, value: int) -> int:
+    def _count(cls, value: int, info: pydantic.ValidationInfo) -> int:
+        from .calibration import MAX_COPIES, MAX_TIME_BUCKETS
+
         if value < 1:
             raise ValueError(f"must be at least 1, got {value}")
+        most = {"copies": MAX_COPIES, "time_buckets": MAX_TIME_BUCKETS, "bucket_size": MAX_BUCKET_SIZE,
+                "steps": MAX_STEPS, "batch_size": MAX_BATCH_SIZE}[info.field_name]
+        if value > most:
+            raise ValueError(f"must be at most {most}, got {value}")
+        return value
+
+    @pydantic.field_validator("height", "width")
+    @classmethod
+    def _image_side(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= MAX_IMAGE_SIDE:
+            raise ValueError(f"must be between 1 and {MAX_IMAGE_SIDE} pixels, got {value}")
+        return value
+
+    @pydantic.field_validator("sigma", "omega_sigma")
+    @classmethod
+    def _step_size(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"must be a positive finite number, got {value!r}")
         return value
 
     @pydantic.field_validator("validation_seed")
@@ -90,6 +128,8 @@ class CalibriOptions(pydantic.BaseModel):
     @pydantic.field_validator("guidance_scale")
     @classmethod
     def _cfg_needs_guidance(cls, value: float | None, info: pydantic.ValidationInfo) -> float | None:
+        if value is not None and not (math.isfinite(value) and abs(value) <= MAX_GUIDANCE):
+            raise ValueError(f"must be a finite number between {-MAX_GUIDANCE:g} and {MAX_GUIDANCE:g}, got {value!r}")
         if info.data.get("form") == "cfg" and (value is None or value == 1.0):
             raise ValueError("the cfg form needs the guidance scale it starts from (not 1)")
         return value
@@ -98,6 +138,15 @@ class CalibriOptions(pydantic.BaseModel):
     @classmethod
     def _no_pipeline_options(cls, value: Any) -> Any:
         return {} if value is None else value
+
+    @pydantic.field_validator("pipeline_options")
+    @classmethod
+    def _not_managed(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key in MANAGED_ARGUMENTS:
+                option = MANAGED_ARGUMENTS[key]
+                raise ValueError(f"{key!r} is set by calibri" + (f": use objective.options.{option}" if option else ""))
+        return value
 
 
 @options_model(CalibriOptions)
@@ -125,31 +174,138 @@ def calibri_space(**options: Any) -> Space:
     from .models import build_on_meta, transformer_config
 
     opts = CalibriOptions.trusted(options)
+    field = f"{FIELD}.model_config" if opts.transformer_config is not None else f"{FIELD}.model"
     try:
         meta = build_on_meta(transformer_config(opts.model, opts.transformer_config))
     except UserError as exc:
-        raise ConfigError(f"{FIELD}.model", str(exc)) from None
+        raise ConfigError(field, str(exc)) from None
     return calibrator_for(meta, opts).space(opts.with_omega, opts.sigma, opts.omega_sigma)
 
 
 def check_calibri(**options: Any) -> None:
-    """Cheap checks before anything heavy is built: prompt files, reward spec names."""
+    """Cheap checks before anything heavy is built: prompt files, reward spec names and devices,
+    and, where the model is a local folder, the image size and pipeline options against its
+    pipeline class and configs (no weights are loaded)."""
+    from .models import check_pipeline_source, pipeline_class, pixel_multiple
     from .prompts import load_prompts
 
     opts = CalibriOptions.trusted(options)
-    load_prompts(opts.prompts, f"{FIELD}.prompts")
+    prompt_sets = {f"{FIELD}.prompts": load_prompts(opts.prompts, f"{FIELD}.prompts")}
     if opts.validation_prompts is not None:
-        load_prompts(opts.validation_prompts, f"{FIELD}.validation_prompts")
-    _check_reward_spec(opts.reward)
+        field = f"{FIELD}.validation_prompts"
+        prompt_sets[field] = load_prompts(opts.validation_prompts, field)
+    check_reward_spec(opts.reward)
+    for field, prompts in prompt_sets.items():
+        check_reward_prompts(opts.reward, prompts, field)
+    try:
+        check_pipeline_source(opts.model)
+        cls, multiple = pipeline_class(opts.model), pixel_multiple(opts.model)
+    except UserError as exc:
+        raise ConfigError(f"{FIELD}.model", str(exc)) from None
+    check_pipeline_arguments(cls, opts, multiple)
 
 
-def _check_reward_spec(spec: Any) -> None:
+def check_reward_spec(spec: Any, field: str = f"{FIELD}.reward") -> None:
+    """The reward names ``spec`` gives are registered, and the devices it holds exist here."""
     from calibri.core.plugins import get_registry
 
     names = [spec] if isinstance(spec, str) else [spec.get("name")] if isinstance(spec, Mapping) and "name" in spec else []
     registry = get_registry()
     for name in names:
-        registry.get("rewards", name, f"{FIELD}.reward")
+        registry.get("rewards", name, field)
+    _check_devices_in(spec, field)
+
+
+def reward_names(spec: Any) -> set[str]:
+    """Every reward name a reward spec mentions (a combined reward's components included)."""
+    names: set[str] = set()
+    if isinstance(spec, str):
+        names.add(spec)
+    elif isinstance(spec, Mapping):
+        if isinstance(spec.get("name"), str):
+            names.add(spec["name"])
+            options = spec.get("options")
+            if isinstance(options, Mapping) and "components" in options:
+                names |= reward_names(options["components"])
+        elif "components" in spec:
+            names |= reward_names(spec["components"])
+        else:  # {label: weight} or {label: {name, weight, options}}
+            for key, value in spec.items():
+                names |= reward_names(value) if isinstance(value, Mapping) and "name" in value else {str(key)}
+    elif isinstance(spec, (list, tuple)):
+        for item in spec:
+            names |= reward_names(item)
+    return names
+
+
+def check_reward_prompts(spec: Any, prompts: Any, field: str) -> None:
+    """Let each reward of ``spec`` refuse prompts it cannot score (the toy oracle scores toy-world
+    prompts only) before any image is made: a reward factory's optional ``check_prompts(prompts,
+    metadata, field)``."""
+    from calibri.core.plugins import get_registry
+
+    registry = get_registry()
+    for name in sorted(reward_names(spec)):
+        try:
+            registration = registry.get("rewards", name)
+        except ConfigError:
+            continue
+        check = getattr(registration.factory, "check_prompts", None)
+        if callable(check):
+            check(list(prompts.prompts), list(prompts.metadata), field)
+
+
+def _check_devices_in(spec: Any, field: str) -> None:
+    """Every ``device: ...`` anywhere in a reward spec (a component's options included) names a
+    device this machine has: refused now, not after the model has loaded."""
+    from .models import check_device
+
+    if isinstance(spec, Mapping):
+        for key, value in spec.items():
+            where = f"{field}.{key}"
+            if key == "device" and value is not None:
+                check_device(value, where)
+            else:
+                _check_devices_in(value, where)
+    elif isinstance(spec, (list, tuple)):
+        for i, value in enumerate(spec):
+            _check_devices_in(value, f"{field}[{i}]")
+
+
+def check_pipeline_arguments(cls: Any, opts: CalibriOptions, multiple: int | None) -> None:
+    """``height``/``width`` and ``pipeline_options`` against the pipeline class's ``__call__``
+    (when known) and the multiple its image sides must be (when known); errors name the option."""
+    import inspect
+
+    from .generation import FAMILIES
+
+    for name in ("height", "width"):
+        value = getattr(opts, name)
+        if value is not None and multiple is not None and value % multiple:
+            raise ConfigError(f"{FIELD}.{name}", f"must be a multiple of {multiple} for this model "
+                                                 f"(its VAE and patch size), got {value}")
+    if cls is None:
+        return
+    family = next((FAMILIES[c.__name__] for c in cls.__mro__ if c.__name__ in FAMILIES), None)
+    guidance = family.guidance_argument if family is not None else None
+    if guidance in opts.pipeline_options:
+        raise ConfigError(f"{FIELD}.pipeline_options.{guidance}",
+                          f"{guidance!r} is set by calibri: use objective.options.guidance_scale")
+    try:
+        parameters = inspect.signature(cls.__call__).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    for name in ("height", "width"):
+        if getattr(opts, name) is not None and name not in parameters:
+            raise ConfigError(f"{FIELD}.{name}", f"{cls.__name__} makes images of a fixed size; leave {name} unset")
+    known = sorted(p for p in parameters if p not in ("self", guidance) and p not in MANAGED_ARGUMENTS)
+    for key in opts.pipeline_options:
+        if key not in parameters:
+            listed = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+            raise ConfigError(f"{FIELD}.pipeline_options.{key}",
+                              f"{cls.__name__} takes no argument {key!r} (it takes: {listed or 'none'})")
 
 
 def calibri_stream(seed: int, **options: Any) -> Any:
@@ -169,12 +325,16 @@ class CalibriObjective(Objective):
         from calibri.rewards.combine import build_reward
 
         from .generation import ImageGenerator
-        from .models import load_pipeline
+        from .models import load_pipeline, loaded_pixel_multiple
         from .prompts import load_prompts
 
         self.options = opts
         device = opts.device or "cpu"
-        self.pipe = load_pipeline(opts.model, opts.dtype, device)
+        try:
+            self.pipe = load_pipeline(opts.model, opts.dtype, device)
+        except UserError as exc:
+            raise ConfigError(f"{FIELD}.model", str(exc)) from None
+        check_pipeline_arguments(type(self.pipe), opts, loaded_pixel_multiple(self.pipe))  # a hub id: now
         self.calibrator = calibrator_for(self.pipe.transformer, opts).attach()
         self.space = self.calibrator.space(opts.with_omega, opts.sigma, opts.omega_sigma)
         self.reward = build_reward(opts.reward, field=f"{FIELD}.reward", device=device)

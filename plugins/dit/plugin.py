@@ -32,14 +32,17 @@ def dit_space(model_config: str, granularity: str = "gate", copies: int = 1, for
               guidance_scale: float | None = None, with_omega: bool = True, sigma: float = 0.25,
               omega_sigma: float | None = None):
     """Calibri scales of a DiT (config file or known model name), built on the meta device."""
-    from calibri.core.errors import ConfigError
+    from calibri.core.errors import ConfigError, UserError
 
     from .calibration import Calibrator
     from .models import build_on_meta, load_model_config
 
     if granularity not in ("block", "layer", "gate"):
         raise ConfigError("space.options.granularity", f"must be block, layer or gate, got {granularity!r}")
-    model = build_on_meta(load_model_config(model_config))
+    try:
+        model = build_on_meta(load_model_config(model_config), model_config)
+    except UserError as exc:
+        raise ConfigError("space.options.model_config", str(exc)) from None
     try:
         calibrator = Calibrator(model, granularity, copies, form, guidance_scale)  # type: ignore[arg-type]
     except ValueError as exc:

@@ -13,6 +13,7 @@ Written into the run directory when the run ends (callback ``calibration_report`
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 import time
 from collections.abc import Sequence
@@ -28,12 +29,19 @@ from calibri.core.space import Params
 DEFAULT_NFE = (2, 4, 8, 16)
 
 
-def load_run_objective(run_dir: Path, device: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """``(objective, stream, config)`` rebuilt from a run directory's resolved config."""
+def load_run_objective(run_dir: Path, device: str | None = None,
+                       reward: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """``(objective, stream, config)`` rebuilt from a run directory's resolved config; ``reward``,
+    when given, replaces the run's reward (evaluating a calibration with another judge)."""
     from calibri.core.config import read_yaml, validate
     from calibri.core.run import plan
 
-    config = validate(read_yaml(run_dir / "config.yaml"))
+    data = read_yaml(run_dir / "config.yaml")
+    if reward is not None and isinstance(data.get("objective"), dict):
+        objective_spec = data["objective"]
+        options = objective_spec.get("options")
+        objective_spec["options"] = {**(options if isinstance(options, dict) else {}), "reward": reward}
+    config = validate(data)
     if config.objective.name != "calibri":
         raise UserError(f"{run_dir}: not a Calibri calibration run (objective {config.objective.name!r})")
     plan_ = plan(config)
@@ -54,12 +62,24 @@ def run_best(run_dir: Path) -> dict[str, Any]:
     return best
 
 
-def selected_values(best: dict[str, Any]) -> tuple[Params, str]:
-    """The run's result: the best point on validation, else the optimiser's recommendation."""
-    selected = (best.get("validation") or {}).get("selected")
-    if selected:
-        return selected["params"], f"best on validation ({selected['source']} after round {selected['after_round']})"
-    return best["recommendation"], "the optimiser's recommendation (the run had no validation)"
+def selected_values(best: dict[str, Any], where: str | Path = "best.json") -> tuple[Params, str]:
+    """The run's result: the best point on validation, else the optimiser's recommendation. A
+    best.json (``where``) that holds neither as names → finite numbers is a one-line error."""
+    validation = best.get("validation")
+    selected = validation.get("selected") if isinstance(validation, dict) else None
+    if isinstance(selected, dict) and selected:
+        params = selected.get("params")
+        how = (f"best on validation ({selected.get('source', 'validation')} after round "
+               f"{selected.get('after_round', '?')})")
+    else:
+        params = best.get("recommendation")
+        how = "the optimiser's recommendation (the run had no validation)"
+    if not (isinstance(params, dict) and params and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for k, v in params.items())):
+        raise UserError(f"{where}: holds no parameter values (names mapped to finite numbers); "
+                        f"'calibri resume' rewrites it from the checkpoint")
+    return params, how
 
 
 def held_out(stream: Any) -> tuple[list[str], list[Any], int]:
@@ -80,7 +100,7 @@ def write_report(run_dir: str | Path, nfe: Sequence[int] = DEFAULT_NFE, guidance
     objective, stream, config = load_run_objective(run_dir, device)
     try:
         best = run_best(run_dir)
-        values, how = selected_values(best)
+        values, how = selected_values(best, run_dir / "best.json")
         objective.calibrator.set_values(dict(values))
         save_calibration(objective.calibrator, run_dir / "calibration.json")
         prompts, metadata, seed = held_out(stream)
@@ -197,6 +217,21 @@ class CalibrationReport:
 
     def __init__(self, nfe: list[int] = list(DEFAULT_NFE), guidance: list[float] = [], grid_prompts: int = 8,
                  device: str | None = None) -> None:
+        from calibri.core.errors import ConfigError
+
+        from .models import check_device, finite_number
+        from .objective import MAX_GUIDANCE, MAX_STEPS
+
+        # Checked when the run starts, not when it ends: a mistake here would waste the whole run.
+        field = "callbacks.calibration_report.options"
+        if any(not 1 <= n <= MAX_STEPS for n in nfe):
+            raise ConfigError(f"{field}.nfe", f"step counts must be between 1 and {MAX_STEPS}, got {nfe!r}")
+        for g in guidance:
+            finite_number(g, f"{field}.guidance", MAX_GUIDANCE)
+        if grid_prompts < 1:
+            raise ConfigError(f"{field}.grid_prompts", f"must be at least 1, got {grid_prompts}")
+        if device is not None:
+            check_device(device, f"{field}.device")
         self.nfe, self.guidance, self.grid_prompts, self.device = nfe, guidance, grid_prompts, device
         self._run_dir: str | None = None
 
