@@ -18,6 +18,10 @@ class _CalibriGroup(click.Group):
         except CalibriError as exc:
             click.echo(f"calibri: error: {one_line(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
+        except click.UsageError as exc:  # an option of the wrong type: the same one line as any mistake
+            where = f"calibri {exc.ctx.info_name}: " if exc.ctx is not None and exc.ctx is not ctx else ""
+            click.echo(f"calibri: error: {where}{one_line(exc.format_message())} (see --help)", err=True)
+            ctx.exit(exc.exit_code)
 
 
 def one_line(text: str) -> str:

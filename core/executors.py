@@ -280,11 +280,13 @@ class ProcessExecutor(Executor):
     contiguous chunks, one per worker, and reassembled in order, so results do not depend on
     the number of workers.
 
-    ``threads`` sets each worker's BLAS/OpenMP/torch thread counts: a number, or ``auto`` for
-    its share of the cores (variables the environment sets are kept); by default workers
-    inherit this process's environment. Torch on a CPU computes slightly different values with
-    a different thread count (MKL splits matrix products by thread), so runs compare bit for bit
-    across worker counts only at the same thread count per evaluation.
+    ``threads`` sets each worker's BLAS/OpenMP/torch thread counts: ``auto`` (the default) gives
+    each worker its share of the cores, keeping variables the environment already sets (two
+    workers each using every core's threads run several times slower); a number forces it;
+    ``inherit`` leaves this process's environment as it is. Torch on a CPU computes values that
+    differ in the last bits at another thread count (matrix products are split by thread), so
+    CPU runs compare bit for bit across worker counts at equal threads per evaluation: set
+    ``threads`` to the same number for both (GPU objectives are unaffected).
 
     A worker that dies costs only its chunk: the chunk is re-run on a fresh worker, up to
     ``retries`` times, so the run's trajectory is the uninterrupted one. A chunk that keeps
@@ -293,17 +295,19 @@ class ProcessExecutor(Executor):
     """
 
     def __init__(self, recipe: ObjectiveRecipe, *, workers: int = 2, devices: list[str] | None = None,
-                 retries: int = 2, threads: int | str | None = None) -> None:
+                 retries: int = 2, threads: int | str = "auto") -> None:
         if retries < 0:
             raise ConfigError("executor.options.retries", f"must be 0 or more (got {retries})")
-        if threads is not None and threads != "auto" and (not isinstance(threads, int) or threads < 1):
-            raise ConfigError("executor.options.threads", f"expected a number of threads (1 or more) or auto, "
-                                                          f"got {threads!r}")
+        if threads not in ("auto", "inherit") and (not isinstance(threads, int) or isinstance(threads, bool)
+                                                   or threads < 1):
+            raise ConfigError("executor.options.threads", f"expected a number of threads (1 or more), auto or "
+                                                          f"inherit, got {threads!r}")
         check_devices(devices)
         if devices:
             workers = len(devices)
         self.recipe, self.workers, self.devices, self.retries = recipe, max(1, workers), devices, retries
-        self.threads = threads_per_worker(self.workers) if threads == "auto" else threads
+        self.threads = (threads_per_worker(self.workers) if threads == "auto"
+                        else None if threads == "inherit" else threads)
         self._keep_set = threads == "auto"
         self._workers: list[_Worker | None] = [None] * self.workers
         # at interpreter exit, before multiprocessing joins its children (an unclosed executor's

@@ -146,9 +146,15 @@ def test_resume_continues_prompts_seeds_and_validation_exactly(toy_dir, prompt_f
 
 
 def test_validation_values_do_not_depend_on_the_number_of_workers(toy_dir, prompt_files, tmp_path):
+    """Bit for bit at the same torch thread count per evaluation (on a CPU, a matrix product's
+    last bits depend on how many threads split it), which the workers are given explicitly."""
+    import torch
+
     serial = start_run(validate(run_config(toy_dir, prompt_files, budget={"rounds": 2})), tmp_path / "s", quiet=True)
     parallel = start_run(validate(run_config(toy_dir, prompt_files, budget={"rounds": 2},
-                                             executor={"name": "process", "workers": 2})), tmp_path / "p", quiet=True)
+                                             executor={"name": "process", "workers": 2,
+                                                       "options": {"threads": torch.get_num_threads()}})),
+                         tmp_path / "p", quiet=True)
     assert serial["validation"] == parallel["validation"]
     values = [[json.loads(x)["value"] for x in (tmp_path / d / "trials.jsonl").read_text().splitlines()] for d in "sp"]
     assert values[0] == values[1]

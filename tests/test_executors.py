@@ -212,7 +212,7 @@ def test_worker_dying_between_rounds_does_not_stop_the_run(tmp_path):
     assert all(r["status"] == "ok" for r in records)  # a fresh worker took round 1
 
 
-# -- threads: each worker's share of the cores, on request ----------------------------------------------
+# -- threads: each worker's share of the cores, by default -----------------------------------------------
 def faulty_threads(tmp_path: Path, workers: int, **options) -> set:
     records = run(tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}", rounds=1, popsize=4,
                   objective={"name": "test.faulty", "options": {"marker_dir": str(tmp_path)}},
@@ -243,9 +243,15 @@ def test_threads_auto_keeps_counts_the_environment_sets(tmp_path, monkeypatch, n
     assert os.environ["OMP_NUM_THREADS"] == "3"
 
 
-def test_workers_inherit_the_thread_environment_by_default(tmp_path, no_thread_variables):
-    """Same thread count as the serial executor: torch on a CPU gives the same values."""
-    assert faulty_threads(tmp_path, 2) == {None}
+def test_threads_default_to_each_workers_share(tmp_path, no_thread_variables):
+    """Two workers each using every core's threads run several times slower: split by default."""
+    from calibri.core.executors import available_cores
+
+    assert faulty_threads(tmp_path, 2) == {str(max(1, available_cores() // 2))}
+
+
+def test_threads_inherit_leaves_the_environment(tmp_path, no_thread_variables):
+    assert faulty_threads(tmp_path, 2, threads="inherit") == {None}
 
 
 # -- devices ------------------------------------------------------------------------------------------------
