@@ -27,6 +27,11 @@ channels where the layout puts them, at least one image of at least 1×1 pixels.
 lossless for the canonical images; ``uint8`` is four times smaller and exact for images that
 were 8-bit to begin with.
 
+Authentication (optional, for servers reachable from other machines): a server started with a
+token answers ``/score`` and ``/info`` with 401 unless the request carries
+``Authorization: Bearer TOKEN``; ``/health`` stays open. A token is printable ASCII without
+spaces; both sides can read it from :data:`TOKEN_ENV`.
+
 Response: ``{"scores": [...], "higher_is_better": ..., "reward": NAME, "count": N,
 "elapsed_ms": ..., "queue_ms": ..., "score_ms": ...}``; a non-finite score is sent as ``null``.
 Errors: ``{"error": "...", "status": CODE}`` with a 4xx (the request is wrong) or 5xx (the server
@@ -37,6 +42,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,6 +58,10 @@ HEADER_KEYS = ("prompts", "metadata", "layout", "protocol")
 MAX_HEADER_BYTES = 8 * 1024 * 1024
 #: Longest .npy header accepted (numpy's own default).
 MAX_NPY_HEADER_BYTES = 10_000
+#: The environment variable holding the shared token, read by the server command and the client.
+TOKEN_ENV = "CALIBRI_REWARD_TOKEN"
+#: Longest token accepted (it travels in every request's headers).
+MAX_TOKEN_CHARS = 4096
 
 
 class ProtocolError(Exception):
@@ -61,6 +71,34 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def check_token(token: Any, field: str) -> str:
+    """``token`` without surrounding whitespace, if it can travel in a header: printable ASCII, no
+    spaces, 1 to :data:`MAX_TOKEN_CHARS` characters. Raises ``ValueError`` naming ``field``."""
+    if not isinstance(token, str):
+        raise ValueError(f"{field}: expected a string, got {type(token).__name__}")
+    token = token.strip()
+    if not token:
+        raise ValueError(f"{field}: the token is empty")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise ValueError(f"{field}: the token is longer than {MAX_TOKEN_CHARS} characters")
+    if not all("!" <= char <= "~" for char in token):
+        raise ValueError(f"{field}: the token must be printable ASCII without spaces")
+    return token
+
+
+def read_token_file(path: Any, field: str) -> str:
+    """The token held in the file ``path`` (``~`` expanded; surrounding whitespace ignored).
+    Raises ``ValueError`` naming ``field`` if it cannot be read or is not a token."""
+    try:
+        with open(os.path.expanduser(os.fspath(path)), encoding="ascii", errors="strict") as stream:
+            text = stream.read(MAX_TOKEN_CHARS + 64)
+    except UnicodeDecodeError:
+        raise ValueError(f"{field}: {path}: the token must be printable ASCII without spaces") from None
+    except OSError as exc:
+        raise ValueError(f"{field}: cannot read {path}: {exc.strerror or exc}") from None
+    return check_token(text, f"{field} {path}")
 
 
 # -- client side ---------------------------------------------------------------------------------
@@ -264,7 +302,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 __all__ = [
-    "CONTENT_TYPE", "DTYPES", "HEADER_KEYS", "LAYOUTS", "MAX_HEADER_BYTES", "PROTOCOL_VERSION", "ProtocolError",
-    "check_images", "check_texts", "check_values", "decode_header", "decode_npy", "decode_scores", "encode_request",
-    "encode_scores", "npy_header",
+    "CONTENT_TYPE", "DTYPES", "HEADER_KEYS", "LAYOUTS", "MAX_HEADER_BYTES", "MAX_TOKEN_CHARS", "PROTOCOL_VERSION",
+    "ProtocolError", "TOKEN_ENV", "check_images", "check_texts", "check_token", "check_values", "decode_header",
+    "decode_npy", "decode_scores", "encode_request", "encode_scores", "npy_header", "read_token_file",
 ]

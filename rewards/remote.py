@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
+import os
 import signal
 import socket
 import threading
@@ -25,9 +27,10 @@ import numpy as np
 from ..core.errors import CalibriError, ConfigError, UserError
 from ..core.hookspecs import hookimpl
 from .base import Reward, batch_text, to_canonical
-from .protocol import CONTENT_TYPE, PROTOCOL_VERSION, decode_scores, encode_request
+from .protocol import (CONTENT_TYPE, PROTOCOL_VERSION, TOKEN_ENV, check_token, decode_scores, encode_request,
+                       read_token_file)
 from .server import (DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_REQUEST_MB, DEFAULT_PORT, DEFAULT_READ_TIMEOUT,
-                     RewardServer, is_loopback)
+                     MAX_READ_TIMEOUT, MAX_REQUEST_MB, RewardServer, is_loopback)
 
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 ENCODINGS = ("float32", "uint8")
@@ -69,19 +72,22 @@ class RemoteReward(Reward):
     retried. ``encoding``: ``float32`` (default; lossless: the canonical values themselves, in
     the canonical N×3×H×W layout) or ``uint8`` (4× smaller, rounds to 1/255 steps: exact only
     for images that were 8-bit to begin with). ``device`` is accepted for uniformity and unused.
+    ``token`` or ``token_file`` (else the ``CALIBRI_REWARD_TOKEN`` environment variable, if set):
+    the shared token of a server started with ``--token-file``, sent as ``Authorization: Bearer``;
+    prefer ``token_file`` or the variable to keep it out of config files.
     Safe to use from several threads (one connection per thread, kept alive between requests).
     """
 
     def __init__(self, url: str = DEFAULT_URL, timeout: float = 60.0, retries: int = 2, batch_size: int = 16,
                  encoding: Literal["float32", "uint8"] = "float32", backoff: float = 0.5,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", token: str | None = None, token_file: str | None = None) -> None:
         super().__init__(batch_size=batch_size, device=device)
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise ValueError(f"timeout must be a finite number above 0, got {timeout}")
         if retries < 0:
             raise ValueError(f"retries must be 0 or more, got {retries}")
-        if not backoff >= 0:
-            raise ValueError(f"backoff must be 0 or more, got {backoff}")
+        if not (backoff >= 0 and math.isfinite(backoff)):
+            raise ValueError(f"backoff must be a finite number, 0 or more, got {backoff}")
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
         self.timeout = float(timeout)
@@ -89,6 +95,7 @@ class RemoteReward(Reward):
         self.backoff = float(backoff)
         self.encoding = encoding
         self._scheme, self._host, self._port, self._base, self.url = _parse_url(url)
+        self._token = _client_token(token, token_file)
         self._info: dict[str, Any] | None = None
         self._setup_local()
 
@@ -241,6 +248,8 @@ class RemoteReward(Reward):
                   parts: Sequence[bytes | memoryview] | None) -> tuple[int, bytes]:
         connection.putrequest(method, self._base + path, skip_accept_encoding=True)
         connection.putheader("Accept", "application/json")
+        if self._token is not None:
+            connection.putheader("Authorization", f"Bearer {self._token}")
         if parts is None:
             connection.endheaders()
         else:
@@ -281,8 +290,10 @@ class RemoteReward(Reward):
             else:
                 if status < 500:
                     if status >= 400:
+                        hint = (f" (give the remote reward's token or token_file option, or set {TOKEN_ENV})"
+                                if status == 401 else "")
                         raise RewardRequestError(f"reward server at {self.url} rejected the request "
-                                                 f"(HTTP {status}): {_error_text(data)}", status)
+                                                 f"(HTTP {status}): {_error_text(data)}{hint}", status)
                     return status, data
                 failure = f"HTTP {status}: {_error_text(data)}"
             attempt += 1
@@ -293,6 +304,18 @@ class RemoteReward(Reward):
         if status is None:
             raise RewardServerUnavailable(f"no reward server at {self.url}: {failure}{tries}")
         raise RewardServerError(f"reward server at {self.url} failed: {failure}{tries}", status)
+
+
+def _client_token(token: str | None, token_file: str | None) -> str | None:
+    """The token to send: ``token``, the contents of ``token_file``, else ``$CALIBRI_REWARD_TOKEN``."""
+    if token is not None and token_file is not None:
+        raise ValueError("give token or token_file, not both")
+    if token_file is not None:
+        return read_token_file(token_file, "token_file")
+    if token is not None:
+        return check_token(token, "token")
+    from_env = os.environ.get(TOKEN_ENV, "")
+    return check_token(from_env, TOKEN_ENV) if from_env.strip() else None
 
 
 def _as_canonical(images: Any) -> Any:
@@ -414,6 +437,24 @@ def build_server(name: str, options: Mapping[str, Any], *, workers: int = 1, dev
     return RewardServer(rewards, name, options=options, **server_options)
 
 
+class _PositiveNumber(click.ParamType):
+    """A finite number above 0 and at most ``most`` (click's FloatRange lets nan and inf through)."""
+
+    name = "number"
+
+    def __init__(self, most: float) -> None:
+        self.most = most
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not (math.isfinite(number) and 0 < number <= self.most):
+            self.fail(f"must be a finite number above 0 and at most {self.most:.15g}, got {value!r}", param, ctx)
+        return number
+
+
 @click.group("reward")
 def reward_group() -> None:
     """Image rewards: serve one over HTTP for runs in other processes or machines."""
@@ -432,35 +473,44 @@ def reward_group() -> None:
 @click.option("--max-batch", default=DEFAULT_MAX_BATCH, show_default=True, type=click.IntRange(min=1),
               help="Most images per request (more: HTTP 413).")
 @click.option("--max-request-mb", default=DEFAULT_MAX_REQUEST_MB, show_default=True,
-              type=click.FloatRange(min=0, min_open=True), help="Largest request body in MiB (more: HTTP 413).")
+              type=_PositiveNumber(MAX_REQUEST_MB), help="Largest request body in MiB (more: HTTP 413).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Reward instances scoring in parallel (each loads its own model).")
 @click.option("--max-pending", type=click.IntRange(min=1),
               help="Request bodies held in memory at once [default: 2 × workers + 2].")
 @click.option("--read-timeout", default=DEFAULT_READ_TIMEOUT, show_default=True,
-              type=click.FloatRange(min=0, min_open=True),
-              help="Seconds to wait on a client's request (and idle kept-alive connections).")
+              type=_PositiveNumber(MAX_READ_TIMEOUT),
+              help="Seconds a client has to send a request's headers, and again its body, however it trickles "
+                   "them (more: HTTP 408); also how long an idle kept-alive connection is kept.")
 @click.option("--device", help="Device for rewards that take one (cpu, cuda, cuda:1).")
 @click.option("--plugin", "plugin_modules", multiple=True, metavar="MODULE",
               help="Import this plugin module first (repeatable), e.g. one that registers the reward.")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
+              help=f"Require this file's token on /score and /info (clients send 'Authorization: Bearer TOKEN'; "
+                   f"/health stays open). Without it, the {TOKEN_ENV} environment variable, if set.")
 @click.option("--allow-remote", is_flag=True,
-              help="Allow a non-loopback --host. The server has no authentication or encryption.")
+              help="Allow a non-loopback --host. There is no encryption: use --token-file too, or better an SSH "
+                   "tunnel.")
 @click.option("--log-requests", is_flag=True, help="Log every request (errors are always logged).")
 def serve_command(name: str, host: str | None, port: int | None, unix_socket: str | None, options: tuple[str, ...],
                   max_batch: int, max_request_mb: float, workers: int, max_pending: int | None,
-                  read_timeout: float, device: str | None, plugin_modules: tuple[str, ...], allow_remote: bool,
-                  log_requests: bool) -> None:
-    """Serve the reward NAME over HTTP (POST /score, GET /health, GET /info) until Ctrl-C."""
+                  read_timeout: float, device: str | None, plugin_modules: tuple[str, ...], token_file: str | None,
+                  allow_remote: bool, log_requests: bool) -> None:
+    """Serve the reward NAME over HTTP (POST /score, GET /health, GET /info) until Ctrl-C.
+
+    With --token-file (or CALIBRI_REWARD_TOKEN set), /score and /info answer 401 unless the client
+    sends the token: the remote reward's token_file option, or the same variable."""
     from ..core.plugins import add_plugin_modules
 
     if unix_socket is not None and (host is not None or port is not None):
         raise UserError("give either --unix-socket or --host/--port, not both")
     host = DEFAULT_HOST if host is None else host
     port = DEFAULT_PORT if port is None else port
+    token, token_source = _server_token(token_file)
     loopback = unix_socket is not None or is_loopback(host)
     if not loopback and not allow_remote:
         raise UserError(f"refusing to listen on {host!r}: not a loopback address, and the reward server has no "
-                        "authentication or encryption (pass --allow-remote to do it anyway)")
+                        "encryption (pass --allow-remote, with --token-file, to do it anyway)")
     if plugin_modules:
         add_plugin_modules(*plugin_modules)
     reward_options = parse_options(options)
@@ -474,15 +524,19 @@ def serve_command(name: str, host: str | None, port: int | None, unix_socket: st
     try:
         server = build_server(name, reward_options, workers=workers, device=device, host=host, port=port,
                               unix_socket=unix_socket, max_batch=max_batch,
-                              max_request_bytes=int(max_request_mb * 2**20), max_pending=max_pending,
-                              read_timeout=read_timeout, log=log, log_requests=log_requests)
+                              max_request_bytes=math.ceil(max_request_mb * 2**20), max_pending=max_pending,
+                              read_timeout=read_timeout, log=log, log_requests=log_requests, token=token)
     except OSError as exc:
         raise UserError(f"cannot listen on {where}: {exc.strerror or exc}") from None
-    if not loopback:
-        click.echo(f"calibri: warning: serving on {host}, reachable from other machines; the reward server has no "
-                   "authentication or encryption: anyone who can reach it can use it", err=True)
+    if not loopback and token is None:
+        click.echo(f"calibri: warning: serving on {host}, reachable from other machines, without a token or "
+                   "encryption: anyone who can reach it can use it (see --token-file)", err=True)
+    elif not loopback:
+        click.echo(f"calibri: warning: serving on {host}, reachable from other machines; requests (the token "
+                   "included) travel unencrypted: prefer an SSH tunnel", err=True)
+    needs = f"; clients need the token from {token_source}" if token is not None else ""
     click.echo(f"calibri: serving reward {name!r} at {server.url} ({workers} worker{'s' * (workers > 1)}, "
-               f"max batch {max_batch}, max request {max_request_mb:g} MiB); Ctrl-C to stop")
+               f"max batch {max_batch}, max request {max_request_mb:g} MiB{needs}); Ctrl-C to stop")
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -494,6 +548,18 @@ def serve_command(name: str, host: str | None, port: int | None, unix_socket: st
     click.echo("calibri: reward server stopped")
 
 
+def _server_token(token_file: str | None) -> tuple[str | None, str | None]:
+    """The token the server requires and where it came from (``--token-file``, else the variable)."""
+    try:
+        if token_file is not None:
+            return read_token_file(token_file, "--token-file"), "--token-file"
+        if os.environ.get(TOKEN_ENV, "").strip():
+            return check_token(os.environ[TOKEN_ENV], TOKEN_ENV), TOKEN_ENV
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return None, None
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -501,7 +567,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 @hookimpl
 def calibri_register_rewards(register):
     register("remote", RemoteReward,
-             description="A reward computed by a `calibri reward serve` server (url, timeout, retries, encoding)")
+             description="A reward computed by a `calibri reward serve` server (url, timeout, retries, encoding, "
+                         "token_file)")
 
 
 @hookimpl

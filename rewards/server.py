@@ -6,6 +6,13 @@ decodes and checks its request and writes its answer; the scoring itself runs on
 ``workers`` reward instances, each used by one request at a time, so a reward need not be
 thread-safe. At most ``max_pending`` request bodies are held in memory at once.
 
+Hostile or broken clients: a request's headers must arrive within ``read_timeout`` of its first
+byte, and its body within ``read_timeout`` of the server starting to read it (a deadline for the
+whole, not per read: trickling a byte at a time buys no time); a body declared larger than
+``max_request_bytes`` is refused from the headers, and a receive buffer grows with the bytes that
+actually arrive, never with the size a client declares. With a ``token``, ``/score`` and
+``/info`` need ``Authorization: Bearer TOKEN``.
+
 Routes: ``POST /score`` (score a batch), ``GET /health`` (liveness), ``GET /info`` (the reward's
 attributes and the server's limits). Every answer is JSON; every mistake in a request gets a 4xx
 naming it, and nothing a client sends stops the server.
@@ -13,8 +20,13 @@ naming it, and nothing a client sends stops the server.
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
+import io
 import ipaddress
 import json
+import math
+import numbers
 import os
 import queue
 import re
@@ -32,16 +44,26 @@ from urllib.parse import urlsplit
 
 from .base import Reward
 from .protocol import (CONTENT_TYPE, DTYPES, LAYOUTS, MAX_HEADER_BYTES, PROTOCOL_VERSION, ProtocolError,
-                       check_images, check_texts, check_values, decode_header, decode_npy, encode_scores)
+                       check_images, check_texts, check_token, check_values, decode_header, decode_npy,
+                       encode_scores)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_REQUEST_MB = 256.0
 DEFAULT_READ_TIMEOUT = 60.0
+#: Largest ``read_timeout`` (one day): beyond it, a timeout no longer protects anything.
+MAX_READ_TIMEOUT = 86400.0
+#: Largest ``--max-request-mb`` (1 TiB): a body is held in memory whole.
+MAX_REQUEST_MB = float(2**20)
 #: Routes and the methods each accepts.
 ROUTES: dict[str, tuple[str, ...]] = {"/score": ("POST",), "/health": ("GET", "HEAD"), "/info": ("GET", "HEAD")}
 _ACCEPTED_TYPES = (CONTENT_TYPE, "application/octet-stream")
+#: Routes open without the token (liveness probes).
+_OPEN_ROUTES = ("/health",)
+#: A receive buffer starts this large (or at the body's size, if smaller) and doubles as bytes arrive.
+_FIRST_CHUNK = 2**20
+_CONTENT_LENGTH = re.compile(r"[0-9]+")
 
 
 def is_loopback(host: str) -> bool:
@@ -67,6 +89,9 @@ class RewardServer:
     ``port=0`` picks a free port (see :attr:`port`). :meth:`serve` runs in the foreground until
     Ctrl-C; :meth:`start` runs in a background thread (tests, notebooks); :meth:`close` stops
     accepting, lets requests in flight finish (up to ``grace`` seconds) and closes connections.
+    ``read_timeout`` bounds the time a client has for a request's headers, and again for its body
+    (HTTP 408), and how long an idle kept-alive connection stays open. ``token``: if given,
+    ``/score`` and ``/info`` answer 401 unless sent ``Authorization: Bearer TOKEN``.
     """
 
     def __init__(self, rewards: Reward | Sequence[Reward], name: str, *, host: str = DEFAULT_HOST,
@@ -74,19 +99,19 @@ class RewardServer:
                  max_request_bytes: int = int(DEFAULT_MAX_REQUEST_MB * 2**20), max_pending: int | None = None,
                  read_timeout: float = DEFAULT_READ_TIMEOUT, options: Mapping[str, Any] | None = None,
                  log: Callable[[str], None] | None = None, log_requests: bool = False,
-                 unix_socket: str | os.PathLike[str] | None = None) -> None:
+                 unix_socket: str | os.PathLike[str] | None = None, token: str | None = None) -> None:
         rewards = [rewards] if isinstance(rewards, Reward) else list(rewards)
         if not rewards or not all(isinstance(r, Reward) for r in rewards):
             raise TypeError("RewardServer needs one or more calibri Reward instances")
-        if max_batch < 1 or max_request_bytes < 1 or read_timeout <= 0:
-            raise ValueError("max_batch, max_request_bytes and read_timeout must be positive")
         self.name = name
         self.reward = rewards[0]
         self.workers = len(rewards)
-        self.max_batch = int(max_batch)
-        self.max_request_bytes = int(max_request_bytes)
-        self.max_pending = int(max_pending) if max_pending else 2 * self.workers + 2
-        self.read_timeout = float(read_timeout)
+        self.max_batch = _count("max_batch", max_batch)
+        self.max_request_bytes = _count("max_request_bytes", max_request_bytes)
+        self.max_pending = 2 * self.workers + 2 if max_pending is None else _count("max_pending", max_pending)
+        self.read_timeout = _seconds("read_timeout", read_timeout)
+        # Compared as digests: equal lengths, so the comparison's time tells nothing of the token.
+        self._token_digest = None if token is None else _digest(check_token(token, "token"))
         self.options = dict(options or {})
         self.log = log
         self.log_requests = log_requests
@@ -180,6 +205,19 @@ class RewardServer:
         self.close()
 
     # -- what the handlers use -------------------------------------------------------------------
+    @property
+    def needs_token(self) -> bool:
+        """Whether ``/score`` and ``/info`` need ``Authorization: Bearer TOKEN``."""
+        return self._token_digest is not None
+
+    def authorized(self, authorization: str | None) -> bool:
+        """Whether an ``Authorization`` header value carries this server's token (always, without one)."""
+        if self._token_digest is None:
+            return True
+        scheme, _, credentials = (authorization or "").strip().partition(" ")
+        given = _digest(credentials.strip()) if scheme.lower() == "bearer" else b""
+        return hmac.compare_digest(given, self._token_digest)
+
     def info(self) -> dict[str, Any]:
         from .. import core
 
@@ -190,7 +228,7 @@ class RewardServer:
             "needs": str(reward.needs), "batch_size": int(reward.batch_size), "options": _public(self.options),
             "protocol": PROTOCOL_VERSION, "dtypes": list(DTYPES), "layouts": list(LAYOUTS),
             "max_batch": self.max_batch, "max_request_bytes": self.max_request_bytes,
-            "max_header_bytes": MAX_HEADER_BYTES, "workers": self.workers,
+            "max_header_bytes": MAX_HEADER_BYTES, "workers": self.workers, "read_timeout": self.read_timeout,
             "calibri_version": getattr(core, "__version__", None),
         }
 
@@ -226,6 +264,8 @@ class RewardServer:
         return scores, (started - start) * 1e3, (done - started) * 1e3
 
     def _take_buffer(self, size: int) -> bytearray:
+        """A kept buffer of at least ``size`` bytes, else an empty one that grows as bytes arrive
+        (never allocated at the size a client declares: declaring costs it nothing)."""
         with self._lock:
             fitting = [buffer for buffer in self._buffers if len(buffer) >= size]
             if fitting:
@@ -234,7 +274,7 @@ class RewardServer:
                 return buffer
             if self._buffers:  # too small: let the largest go, its replacement comes back instead
                 self._buffers.remove(max(self._buffers, key=len))
-        return bytearray(size)
+        return bytearray()
 
     def _give_back_buffer(self, buffer: bytearray) -> None:
         # Reused only if nothing still views it (a reward may keep its input): the only references
@@ -355,8 +395,29 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
         super().setup()
+        self.rfile.close()  # read through the deadline instead (the socket stays open)
+        self._reader = _RequestReader(self.connection, self.server.app.read_timeout)
+        self.rfile = io.BufferedReader(self._reader, 1 << 16)
         with self.server.app._lock:
             self.server.app._connections.add(self.connection)
+
+    def handle_one_request(self) -> None:
+        self._reader.between_requests()  # the next request's clock starts with its first byte
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        try:
+            parsed = super().parse_request()
+        except TimeoutError:  # the headers did not all arrive in time
+            self.close_connection = True
+            self._body_read = True  # nothing worth lingering for
+            self._send_json(408, {"error": f"timed out: the request's headers did not arrive within "
+                                           f"{self.server.app.read_timeout:g} s (--read-timeout)", "status": 408})
+            return False
+        if parsed and self.headers.defects:  # a line that is no header: where the body starts is unknown
+            self.send_error(400, "malformed headers: every header line must be 'Name: value'")
+            return False
+        return parsed
 
     def handle(self) -> None:
         super().handle()
@@ -407,6 +468,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_json(405, {"error": f"method {self.command} not allowed on {path} "
                                                f"(allowed: {', '.join(methods)})", "status": 405},
                                 headers=(("Allow", ", ".join(methods)),))
+            elif path not in _OPEN_ROUTES and not self._authorized():
+                self._send_json(401, {"error": self._auth_problem(), "status": 401},
+                                headers=(("WWW-Authenticate", 'Bearer realm="calibri-reward"'),))
             elif path == "/score":
                 self._send_json(200, self._score())
             elif path == "/health":
@@ -418,8 +482,8 @@ class _Handler(BaseHTTPRequestHandler):
         except _Disconnected:
             self.close_connection = True
         except TimeoutError:
-            self._send_json(408, {"error": f"timed out after {app.read_timeout:g} s reading the request",
-                                  "status": 408})
+            self._send_json(408, {"error": f"timed out: the request's body did not arrive within "
+                                           f"{app.read_timeout:g} s (--read-timeout)", "status": 408})
         except OSError:  # the connection broke
             self.close_connection = True
         except Exception as exc:  # a bug: answer 500, keep serving
@@ -427,21 +491,36 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             app._leave()
 
+    def _authorized(self) -> bool:
+        values = self.headers.get_all("Authorization") or []
+        return len(values) <= 1 and self.server.app.authorized(values[0] if values else None)
+
+    def _auth_problem(self) -> str:
+        values = self.headers.get_all("Authorization") or []
+        if not values:
+            return "this server needs a token: send 'Authorization: Bearer TOKEN'"
+        if len(values) > 1:
+            return "send one Authorization header, not several"
+        if values[0].strip().partition(" ")[0].lower() != "bearer":
+            return "send the token as 'Authorization: Bearer TOKEN'"
+        return "wrong token"
+
     def _score(self) -> dict[str, Any]:
         app = self.server.app
         if self.headers.get("Transfer-Encoding"):
             raise ProtocolError(411, "send the body with a Content-Length (Transfer-Encoding is not accepted)")
-        raw_length = self.headers.get("Content-Length")
-        if raw_length is None:
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
             raise ProtocolError(411, "Content-Length required")
-        try:
-            length = int(raw_length)
-            if length < 0 or not raw_length.strip().isdigit():
-                raise ValueError
-        except ValueError:
-            raise ProtocolError(400, f"bad Content-Length {raw_length!r}") from None
-        if length > app.max_request_bytes:
-            raise ProtocolError(413, f"request too large: {length} bytes, this server accepts at most "
+        if len(lengths) > 1:  # which one counts is where request smuggling starts
+            raise ProtocolError(400, f"bad Content-Length: {len(lengths)} Content-Length headers, send one")
+        digits = lengths[0].strip()
+        if not _CONTENT_LENGTH.fullmatch(digits):
+            raise ProtocolError(400, f"bad Content-Length {lengths[0][:40]!r}")
+        length = int(digits) if len(digits) <= 30 else None  # None: more than any limit (int() is slow on more)
+        if length is None or length > app.max_request_bytes:
+            size = f"{length} bytes" if length is not None else f"a {len(digits)}-digit number of bytes"
+            raise ProtocolError(413, f"request too large: {size}, this server accepts at most "
                                      f"{app.max_request_bytes} (--max-request-mb)")
         content_type = (self.headers.get("Content-Type") or CONTENT_TYPE).split(";")[0].strip().lower()
         if content_type not in _ACCEPTED_TYPES:
@@ -450,6 +529,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise ProtocolError(503, "server busy: too many requests waiting; retry later")
         buffer = None
         try:
+            self._reader.restart()  # the body's deadline runs from when there is room for it
             line = self._read_header_line(length)
             buffer = app._take_buffer(length - len(line))
             return self._score_body(line[:-1], self._read_into(buffer, length - len(line)))
@@ -490,26 +570,29 @@ class _Handler(BaseHTTPRequestHandler):
         return line
 
     def _read_into(self, buffer: bytearray, size: int) -> memoryview:
-        """The rest of the body (the .npy file), read into the start of ``buffer``."""
-        view, got = memoryview(buffer)[:size], 0
+        """The rest of the body (the .npy file), read into the start of ``buffer``, which grows
+        (doubling) only as bytes arrive: memory follows what was sent, not what was declared."""
+        got = 0
         while got < size:
-            n = self.rfile.readinto(view[got:])
+            if got >= len(buffer):
+                buffer.extend(bytes(min(size, max(got + _FIRST_CHUNK, 2 * got)) - len(buffer)))
+            with memoryview(buffer) as whole, whole[got:min(size, len(buffer))] as room:
+                n = self.rfile.readinto(room)
             if not n:
                 raise _Disconnected
             got += n
         self._body_read = True
-        return view
+        return memoryview(buffer)[:size]
 
     # -- answers ---------------------------------------------------------------------------------
     def _send_json(self, status: int, payload: Mapping[str, Any], headers: Sequence[tuple[str, str]] = ()) -> None:
         app = self.server.app
         body = json.dumps(payload, allow_nan=False).encode("utf-8")
-        if status >= 400 and not getattr(self, "_body_read", False) and (
-                self.headers is not None and (self.headers.get("Content-Length", "0").strip() not in ("", "0")
-                                              or self.headers.get("Transfer-Encoding"))):
+        if status >= 400 and not getattr(self, "_body_read", False) and _may_have_body(getattr(self, "headers", None)):
             self.close_connection = True  # an unread body would be taken for the next request
             self._linger = True
         try:
+            self.connection.settimeout(app.read_timeout)  # reads may have left a shorter one
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -557,6 +640,72 @@ class _Handler(BaseHTTPRequestHandler):
         return "unix" if self._unix or not self.client_address else str(self.client_address[0])
 
 
+def _may_have_body(headers: Any) -> bool:
+    """Whether bytes of a body may follow these request headers (any Content-Length but one 0, any
+    Transfer-Encoding, malformed lines): after an answer that did not read them, the connection
+    cannot carry another request."""
+    if headers is None:
+        return False
+    lengths = [value.strip() for value in headers.get_all("Content-Length") or []]
+    return bool(headers.get("Transfer-Encoding") or headers.defects or (lengths and lengths != ["0"]))
+
+
+class _RequestReader(io.RawIOBase):
+    """A connection's input, read against one deadline per request rather than a timeout per
+    read: a client sending a byte now and then gets no more time than one sending nothing.
+
+    Between requests a read waits up to ``timeout`` for the next one's first byte; the request
+    must then arrive within ``timeout`` of that byte (:meth:`restart` gives the body its own)."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self._sock = sock
+        self._timeout = timeout
+        self._deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def between_requests(self) -> None:
+        self._deadline = None
+
+    def restart(self) -> None:
+        self._deadline = time.monotonic() + self._timeout
+
+    def readinto(self, buffer: Any) -> int:
+        if self._deadline is None:
+            timeout = self._timeout
+        else:
+            timeout = self._deadline - time.monotonic()
+            if timeout <= 0:
+                raise TimeoutError("the request did not arrive in time")
+        self._sock.settimeout(timeout)
+        n = self._sock.recv_into(buffer)
+        if n and self._deadline is None:
+            self._deadline = time.monotonic() + self._timeout
+        return n
+
+
+def _count(name: str, value: Any) -> int:
+    """``value`` as a whole number of at least 1, else a ValueError naming ``name``."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or int(value) != value or value < 1):
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
+def _seconds(name: str, value: Any) -> float:
+    """``value`` as seconds: finite, above 0, at most :data:`MAX_READ_TIMEOUT`; else a ValueError."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or not 0 < value <= MAX_READ_TIMEOUT):
+        raise ValueError(f"{name} must be a finite number of seconds above 0 and at most "
+                         f"{MAX_READ_TIMEOUT:g}, got {value!r}")
+    return float(value)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:500] + ("…" if len(text) > 500 else "") if text else type(exc).__name__
@@ -577,5 +726,5 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_REQUEST_MB", "DEFAULT_PORT", "ROUTES", "RewardServer",
-           "is_loopback"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_REQUEST_MB", "DEFAULT_PORT", "DEFAULT_READ_TIMEOUT",
+           "MAX_READ_TIMEOUT", "MAX_REQUEST_MB", "ROUTES", "RewardServer", "is_loopback"]

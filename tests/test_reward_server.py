@@ -32,7 +32,7 @@ from numpy.lib import format as npy_format
 from calibri.core.errors import ConfigError, UserError
 from calibri.core.hookspecs import hookimpl
 from calibri.rewards.base import Reward
-from calibri.rewards.protocol import CONTENT_TYPE, HEADER_KEYS
+from calibri.rewards.protocol import CONTENT_TYPE, HEADER_KEYS, TOKEN_ENV
 from calibri.rewards.remote import (RemoteReward, RewardRequestError, RewardServerError, RewardServerUnavailable,
                                     parse_options)
 from calibri.rewards.server import RewardServer, is_loopback
@@ -547,6 +547,46 @@ def test_remote_is_registered_and_validates_its_options():
     assert RemoteReward("unix:///tmp/r.sock").url == "unix:/tmp/r.sock"
 
 
+# -- tokens --------------------------------------------------------------------------------------
+def test_a_token_server_scores_for_clients_with_its_token(tmp_path, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    images = canonical(2)
+    expected = PixelMean()(images)
+    token_file = tmp_path / "token"
+    token_file.write_text("tok-0123456789\n")
+    with serving(PixelMean(), token="tok-0123456789", options={"token": "tok-0123456789"}) as server:
+        assert np.array_equal(client(server, token="tok-0123456789")(images), expected)
+        assert np.array_equal(client(server, token_file=str(token_file))(images), expected)
+        monkeypatch.setenv(TOKEN_ENV, "tok-0123456789")
+        assert np.array_equal(client(server)(images), expected)
+        assert client(server).info()["options"] == {"token": "<hidden>"}
+        monkeypatch.delenv(TOKEN_ENV)
+        with pytest.raises(RewardRequestError, match=r"HTTP 401\): this server needs a token.*token_file") as error:
+            client(server)(images)
+        assert error.value.status == 401 and isinstance(error.value, ValueError)
+        with pytest.raises(RewardRequestError, match=r"HTTP 401\): wrong token"):
+            client(server, token="tok-0123456788")(images)
+        assert client(server).health()["status"] == "ok"  # liveness probes need no token
+    with serving(PixelMean()) as server:  # a server without a token ignores one
+        assert np.array_equal(client(server, token="anything")(images), expected)
+
+
+def test_remote_token_options_are_checked(tmp_path, monkeypatch):
+    from calibri.rewards.combine import build_reward
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(ValueError, match="give token or token_file, not both"):
+        RemoteReward(token="a", token_file=str(tmp_path / "t"))
+    with pytest.raises(ConfigError, match=r"reward.options: reward 'remote': token_file: cannot read .*No such file"):
+        build_reward({"name": "remote", "options": {"token_file": str(tmp_path / "missing")}})
+    with pytest.raises(ConfigError, match="token: the token must be printable ASCII without spaces"):
+        build_reward({"name": "remote", "options": {"token": "two words"}})
+    monkeypatch.setenv(TOKEN_ENV, "bad token")
+    with pytest.raises(ValueError, match=f"{TOKEN_ENV}: the token must be printable ASCII"):
+        RemoteReward()
+    assert "tok" not in repr(RemoteReward(token="tok-secret"))
+
+
 # -- Unix sockets --------------------------------------------------------------------------------
 def test_unix_socket_server(tmp_path):
     path = tmp_path / "reward.sock"
@@ -569,18 +609,25 @@ def test_unix_socket_server(tmp_path):
 
 
 # -- the command ---------------------------------------------------------------------------------
-def test_serve_command_end_to_end(tmp_path):
+def test_serve_command_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    (tmp_path / "token").write_text("e2e-token-0123\n")
     proc = subprocess.Popen(cli_command("reward", "serve", "pixel_mean_test", "--plugin", "test_reward_server",
-                                        "--port", "0", "--option", "scale=2", "--max-batch", "8", "--log-requests"),
+                                        "--port", "0", "--option", "scale=2", "--max-batch", "8", "--log-requests",
+                                        "--token-file", "token", "--read-timeout", "30"),
                             cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = _read_line(proc, timeout=60)
         assert line.startswith("calibri: serving reward 'pixel_mean_test' at http://127.0.0.1:"), line
+        assert "clients need the token from --token-file" in line
         url = line.split(" at ")[1].split()[0]
-        remote = RemoteReward(url, timeout=TIMEOUT, retries=0)
+        remote = RemoteReward(url, timeout=TIMEOUT, retries=0, token_file=str(tmp_path / "token"))
         images = canonical(3)
         assert np.array_equal(remote(images), PixelMean(scale=2)(images))
         assert remote.info()["max_batch"] == 8 and remote.info()["options"] == {"scale": 2}
+        assert remote.info()["read_timeout"] == 30
+        with pytest.raises(RewardRequestError, match="HTTP 401"):
+            RemoteReward(url, timeout=TIMEOUT, retries=0)(images)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=15)
     finally:
@@ -588,7 +635,7 @@ def test_serve_command_end_to_end(tmp_path):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err
-    assert "reward server stopped" in out and "POST '/score' 200" in err
+    assert "reward server stopped" in out and "POST '/score' 200" in err and "GET '/info' 401" in err
 
 
 def _read_line(proc: subprocess.Popen, timeout: float) -> str:
