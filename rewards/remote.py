@@ -29,8 +29,8 @@ from ..core.hookspecs import hookimpl
 from .base import Reward, batch_text, to_canonical
 from .protocol import (CONTENT_TYPE, PROTOCOL_VERSION, TOKEN_ENV, check_token, decode_scores, encode_request,
                        read_token_file)
-from .server import (DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_REQUEST_MB, DEFAULT_PORT, DEFAULT_READ_TIMEOUT,
-                     MAX_READ_TIMEOUT, MAX_REQUEST_MB, RewardServer, is_loopback)
+from .server import (DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_MB, DEFAULT_PORT,
+                     DEFAULT_READ_TIMEOUT, MAX_READ_TIMEOUT, MAX_REQUEST_MB, RewardServer, is_loopback)
 
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 ENCODINGS = ("float32", "uint8")
@@ -482,6 +482,8 @@ def reward_group() -> None:
               type=_PositiveNumber(MAX_READ_TIMEOUT),
               help="Seconds a client has to send a request's headers, and again its body, however it trickles "
                    "them (more: HTTP 408); also how long an idle kept-alive connection is kept.")
+@click.option("--max-connections", default=DEFAULT_MAX_CONNECTIONS, show_default=True, type=click.IntRange(1, 10_000),
+              help="Connections served at once (one thread each); more get HTTP 503 at once.")
 @click.option("--device", help="Device for rewards that take one (cpu, cuda, cuda:1).")
 @click.option("--plugin", "plugin_modules", multiple=True, metavar="MODULE",
               help="Import this plugin module first (repeatable), e.g. one that registers the reward.")
@@ -494,7 +496,7 @@ def reward_group() -> None:
 @click.option("--log-requests", is_flag=True, help="Log every request (errors are always logged).")
 def serve_command(name: str, host: str | None, port: int | None, unix_socket: str | None, options: tuple[str, ...],
                   max_batch: int, max_request_mb: float, workers: int, max_pending: int | None,
-                  read_timeout: float, device: str | None, plugin_modules: tuple[str, ...], token_file: str | None,
+                  read_timeout: float, max_connections: int, device: str | None, plugin_modules: tuple[str, ...], token_file: str | None,
                   allow_remote: bool, log_requests: bool) -> None:
     """Serve the reward NAME over HTTP (POST /score, GET /health, GET /info) until Ctrl-C.
 
@@ -525,7 +527,8 @@ def serve_command(name: str, host: str | None, port: int | None, unix_socket: st
         server = build_server(name, reward_options, workers=workers, device=device, host=host, port=port,
                               unix_socket=unix_socket, max_batch=max_batch,
                               max_request_bytes=math.ceil(max_request_mb * 2**20), max_pending=max_pending,
-                              read_timeout=read_timeout, log=log, log_requests=log_requests, token=token)
+                              read_timeout=read_timeout, log=log, log_requests=log_requests, token=token,
+                              max_connections=max_connections)
     except OSError as exc:
         raise UserError(f"cannot listen on {where}: {exc.strerror or exc}") from None
     if not loopback and token is None:

@@ -52,6 +52,7 @@ DEFAULT_PORT = 8765
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_REQUEST_MB = 256.0
 DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_MAX_CONNECTIONS = 64
 #: Largest ``read_timeout`` (one day): beyond it, a timeout no longer protects anything.
 MAX_READ_TIMEOUT = 86400.0
 #: Largest ``--max-request-mb`` (1 TiB): a body is held in memory whole.
@@ -99,7 +100,8 @@ class RewardServer:
                  max_request_bytes: int = int(DEFAULT_MAX_REQUEST_MB * 2**20), max_pending: int | None = None,
                  read_timeout: float = DEFAULT_READ_TIMEOUT, options: Mapping[str, Any] | None = None,
                  log: Callable[[str], None] | None = None, log_requests: bool = False,
-                 unix_socket: str | os.PathLike[str] | None = None, token: str | None = None) -> None:
+                 unix_socket: str | os.PathLike[str] | None = None, token: str | None = None,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         rewards = [rewards] if isinstance(rewards, Reward) else list(rewards)
         if not rewards or not all(isinstance(r, Reward) for r in rewards):
             raise TypeError("RewardServer needs one or more calibri Reward instances")
@@ -110,6 +112,8 @@ class RewardServer:
         self.max_request_bytes = _count("max_request_bytes", max_request_bytes)
         self.max_pending = 2 * self.workers + 2 if max_pending is None else _count("max_pending", max_pending)
         self.read_timeout = _seconds("read_timeout", read_timeout)
+        self.max_connections = _count("max_connections", max_connections)
+        self._connection_slots = threading.BoundedSemaphore(self.max_connections)
         # Compared as digests: equal lengths, so the comparison's time tells nothing of the token.
         self._token_digest = None if token is None else _digest(check_token(token, "token"))
         self.options = dict(options or {})
@@ -303,7 +307,45 @@ class RewardServer:
                 pass
 
 
-class _HTTPServer(ThreadingHTTPServer):
+class _ConnectionCap:
+    """Serve at most ``app.max_connections`` connections at once (one thread each); the rest get
+    a 503 and are closed at once, so a flood of connections cannot take every thread and file
+    handle (each served one is cut off after ``read_timeout`` if it stalls)."""
+
+    app: RewardServer
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.app._connection_slots.acquire(blocking=False):
+            _refuse_connection(request)
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        try:
+            super().process_request(request, client_address)  # type: ignore[misc]
+        except BaseException:
+            self.app._connection_slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self.app._connection_slots.release()
+
+
+def _refuse_connection(sock: socket.socket) -> None:
+    """A 503 sent without waiting (it fits in the socket's buffer; a client that reads nothing
+    must not stall the accepting thread)."""
+    body = json.dumps({"error": "too many connections; retry later"}).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+    try:
+        sock.setblocking(False)
+        sock.send(head + body)
+    except OSError:
+        pass
+
+
+class _HTTPServer(_ConnectionCap, ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
@@ -328,7 +370,7 @@ class _HTTPServer(ThreadingHTTPServer):
             self.app._say(f"error with {client_address!r}: {type(exc).__name__}: {exc}")
 
 
-class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class _UnixHTTPServer(_ConnectionCap, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """The same server on a Unix socket: same-host clients only, access set by file permissions."""
 
     daemon_threads = True

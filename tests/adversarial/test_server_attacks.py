@@ -249,6 +249,33 @@ def test_a_received_body_costs_memory_in_proportion():
 
 
 # -- malformed and hostile headers ---------------------------------------------------------------
+def test_a_connection_flood_gets_503_and_cannot_take_every_thread():
+    """More idle connections than ``max_connections``: the extra ones are answered 503 at once
+    (no thread each), and once the idle ones go, requests are served again."""
+    with serving(max_connections=3, read_timeout=BOUND) as server:
+        idle = [socket.create_connection((server.host, server.port), timeout=TIMEOUT) for _ in range(3)]
+        try:
+            deadline = time.monotonic() + BOUND
+            while True:  # the three take their slots as the server accepts them
+                response = raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                if status_of(response) == 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert status_of(response) == 503 and b"too many connections" in response, response
+        finally:
+            for sock in idle:
+                sock.close()
+        deadline = time.monotonic() + BOUND
+        while True:
+            try:
+                assert_serving(server)
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
 def _headers(*lines: bytes, body: bytes = GOOD_BODY, line_end: bytes = b"\r\n") -> bytes:
     return line_end.join((b"POST /score HTTP/1.1", b"Host: x", *lines, b"", b"")) + body
 
