@@ -220,6 +220,9 @@ class Runner:
         except KeyboardInterrupt:
             if not self.store.exists():
                 raise RunInterrupted("interrupted before the run started") from None
+            if not self.store.checkpoint_files():
+                raise RunInterrupted(f"interrupted before the first round finished; start it again with: "
+                                     f"calibri resume {self.store.path}") from None
             raise RunInterrupted(f"interrupted; the last finished round is saved, continue with: "
                                  f"calibri resume {self.store.path}") from None
 

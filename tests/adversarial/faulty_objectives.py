@@ -74,3 +74,10 @@ def exits_for_large_x(params):
 
 def infinite_value(params):
     return float("inf")
+
+
+def interrupted_in_round_0(params, ctx: RoundContext):
+    """Ctrl-C while the first round is evaluated (raised in-process: no signal timing)."""
+    if ctx.round == 0:
+        raise KeyboardInterrupt
+    return _sphere(params)

@@ -16,10 +16,12 @@ import yaml
 SPACE = {"x": {"type": "float", "low": -1.0, "high": 1.0, "init": 0.5}, "y": {"type": "float", "low": -1.0, "high": 1.0}}
 
 
-def config(tmp_path: Path, function: str, max_failure_rate: float = 0.2, executor: str = "serial") -> Path:
+def config(tmp_path: Path, function: str, max_failure_rate: float = 0.2, executor: str = "serial",
+           with_context: bool = False) -> Path:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({
-        "seed": 1, "objective": {"name": "python", "options": {"function": f"faulty_objectives:{function}"}},
+        "seed": 1, "objective": {"name": "python", "options": {"function": f"faulty_objectives:{function}",
+                                                        "with_context": with_context}},
         "space": SPACE, "optimizer": {"name": "random", "popsize": 4}, "budget": {"rounds": 2},
         "max_failure_rate": max_failure_rate, "executor": {"name": executor}, "callbacks": []}))
     return path
@@ -81,3 +83,11 @@ def test_numpy_and_nan_extras_are_converted(function, metrics, tmp_path, cli_inp
     records = trials(tmp_path / "R")
     assert len(records) == 8 and all(r["status"] == "ok" for r in records)
     assert all({k: r["metrics"][k] for k in metrics} == metrics for r in records)
+
+
+def test_ctrl_c_in_the_first_round_says_nothing_was_saved(tmp_path, cli_inproc):
+    path = config(tmp_path, "interrupted_in_round_0", with_context=True)
+    result = cli_inproc("run", path, "-o", "R", "--quiet")
+    assert result.returncode == 130, result.stderr
+    assert "interrupted before the first round finished; start it again with: calibri resume R" \
+        in one_error_line(result)
