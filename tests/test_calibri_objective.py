@@ -240,7 +240,8 @@ def test_a_run_validates_the_options_once_and_builds_them_without_validating_aga
     ({"form": "cfg", "copies": 2, "guidance_scale": 1.0}, "objective.options.guidance_scale", "the cfg form needs"),
     ({"form": "cfg", "copies": 2, "guidance_scale": None}, "objective.options.guidance_scale", "the cfg form needs"),
     ({"granularity": "row"}, "objective.options.granularity", "Input should be 'block', 'layer' or 'gate'"),
-    ({"steps": "many"}, "objective.options.steps", "Input should be a valid integer"),
+    ({"steps": "many"}, "objective.options.steps", "expected a step count, a list of them or a range FIRST..LAST"),
+    ({"steps": [2, 2]}, "objective.options.steps", "lists 2 more than once"),
     ({"stepz": 3}, "objective.options.stepz", "unknown option (known: batch_size, bucket_size, copies, dtype, form"),
     ({"device": "cuda:0"}, "objective.options.device", "unknown option"),
 ])

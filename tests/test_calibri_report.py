@@ -40,6 +40,7 @@ def test_report_files_are_written_and_consistent(run_dir):
     rows = list(csv.DictReader((run_dir / "evaluation.csv").open()))
     assert {(r["variant"], r["steps"]) for r in rows} == {(v, s) for v in ("baseline", "calibrated", "guidance=2")
                                                          for s in ("1", "2")}
+    assert {(r["steps"], r["calibrated_for"]) for r in rows if r["variant"] == "calibrated"} == {("1", "no"), ("2", "yes")}
     assert all(r["diff_vs_baseline"] == "" for r in rows if r["variant"] == "baseline")
     best = json.loads((run_dir / "best.json").read_text())
     selected = best["validation"]["selected"]
@@ -49,6 +50,9 @@ def test_report_files_are_written_and_consistent(run_dir):
     assert float(validation_at_2["mean"]) == pytest.approx(selected["value"], abs=1e-5)  # same prompts and seeds (CSV keeps 6 decimals)
     report = (run_dir / "report.md").read_text()
     assert "calibration.json" in report and "grid.png" in report and "| baseline |" in report
+    assert "- calibrated for: NFE 2, guidance 3, FlowMatchEulerDiscreteScheduler shift 1, 32×32" in report
+    assert "| made for this NFE |" in report and "| calibrated | 2 |" in report
+    assert document["calibrated_for"]["steps"] == [2] and document["calibrated_for"]["guidance_scale"] == 3.0
 
 
 def test_the_calibration_file_applies_to_a_fresh_pipeline(run_dir, toy_dir):
@@ -65,6 +69,9 @@ def test_evaluate_command_on_a_run_directory(run_dir, cli, tmp_path):
     result = cli("evaluate", run_dir, "--steps", "1,2", "--guidance", "2.5", "-o", tmp_path / "ev", timeout=300)
     assert result.returncode == 0, result.stderr
     assert "| calibrated | 2 |" in result.stdout and "| guidance=2.5 | 1 |" in result.stdout
+    assert " ✓ |" in result.stdout and " off |" in result.stdout  # the NFE it was made for, and one it was not
+    warned = [line for line in result.stderr.splitlines() if "off the settings" in line]
+    assert len(warned) == 1 and warned[0].startswith("calibri: ") and "NFE 1 (made for 2)" in warned[0]
     assert (tmp_path / "ev" / "evaluation.csv").is_file() and (tmp_path / "ev" / "reward_vs_nfe.png").is_file()
 
 
@@ -73,6 +80,7 @@ def test_evaluate_command_on_a_calibration_file(run_dir, toy_dir, prompt_files, 
     result = cli("evaluate", run_dir / "calibration.json", "--model", toy_dir, "--reward", "colorfulness",
                  "--prompts", train, "--steps", "2", "-o", tmp_path / "ev2", timeout=300)
     assert result.returncode == 0, result.stderr
+    assert "off the settings" not in result.stderr  # evaluated at its NFE, guidance and size
     rows = list(csv.DictReader((tmp_path / "ev2" / "evaluation.csv").open()))
     assert [r["variant"] for r in rows] == ["baseline", "calibrated"] and rows[0]["n"] == "5"
 

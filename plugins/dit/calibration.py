@@ -130,6 +130,8 @@ def _ensemble_hook_class() -> type:
 
         def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
             cal = self.calibrator
+            if cal.watch is not None:
+                cal.watch()
             forward = self.original_forward()
             state = cal.state
             if not state.active:  # baked: ω is in the weights too
@@ -247,6 +249,9 @@ class Calibrator:
         self._baked: _Baked | None = None
         self.state: ScaleState | None = None
         self._attached = False
+        #: Called on every transformer call while attached (``apply_calibration`` sets it to check
+        #: the pipeline's sampling settings against the calibration's).
+        self.watch: Any = None
 
     # -- description ------------------------------------------------------------------------
     @property

@@ -8,12 +8,24 @@ Format (``"format": "calibri.calibration"``, ``"version": 1``)::
       "model": {"name_or_path": "...", "config_sha256": "..."},
       "granularity": "gate", "copies": 1, "form": "single", "guidance_scale": null,
       "sites": ["double.0.img.attn", ...],          # in order, per copy
-      "values": {"double.0.img.attn": 1.07, ..., "omega": 1.0}
+      "values": {"double.0.img.attn": 1.07, ..., "omega": 1.0},
+      "calibrated_for": {"steps": [2, 4], "steps_combine": "mean",   # optional (see below)
+                         "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
+                                       "use_dynamic_shifting": false},
+                         "guidance_scale": 2.0, "height": 512, "width": 512}
     }
 
 ``values`` uses the calibration's parameter names (``c<m>.<site>`` per copy in an ensemble,
 ``omega`` or ``omega.<m>``). Applying refuses a file made for another architecture or site set;
 a different model config of the same architecture only warns.
+
+``calibrated_for`` records the sampling settings the values were found under. A calibration can
+be far better than the model at its NFE and destroy images at another, so applying it off those
+settings warns, one line saying which: :func:`apply_calibration` checks the pipeline's scheduler
+at once and the step count (and guidance, where the pipeline keeps it) each time the pipeline
+samples; ``calibri evaluate`` and ``calibri bake`` check what they are given. The field is
+optional within version 1: files written before it load as before, their settings unknown and
+nothing checked.
 """
 from __future__ import annotations
 
@@ -21,6 +33,7 @@ import hashlib
 import json
 import math
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +59,12 @@ def config_sha256(model: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def calibration_document(calibrator: Calibrator) -> dict[str, Any]:
+def calibration_document(calibrator: Calibrator, calibrated_for: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The file's content; ``calibrated_for``: the sampling settings (see the module docstring)."""
     from calibri.core import __version__
 
     model = calibrator.transformer
-    return {
+    document = {
         "format": FORMAT, "version": VERSION, "calibri_version": __version__,
         "architecture": calibrator.adapter.name, "model_class": type(model).__name__,
         "model": {"name_or_path": str(dict(model.config).get("_name_or_path", "")),
@@ -61,12 +75,16 @@ def calibration_document(calibrator: Calibrator) -> dict[str, Any]:
         "sites": calibrator.site_names,
         "values": calibrator.values(),
     }
+    if calibrated_for is not None:
+        document["calibrated_for"] = dict(calibrated_for)
+    return document
 
 
-def save_calibration(calibrator: Calibrator, path: str | Path) -> Path:
+def save_calibration(calibrator: Calibrator, path: str | Path,
+                     calibrated_for: Mapping[str, Any] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(calibration_document(calibrator), indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(calibration_document(calibrator, calibrated_for), indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -122,10 +140,123 @@ def _check_fields(path: Path, document: dict[str, Any]) -> None:
             fail(f"value of {name!r} is not a finite number: {value!r}")
     if not isinstance(document.get("model", {}), dict):
         fail("model must be a mapping")
+    settings = document.get("calibrated_for")
+    if settings is not None:
+        _check_settings(settings, fail)
+
+
+def _check_settings(settings: Any, fail: Callable[[str], None]) -> None:
+    """The recorded sampling settings: each field optional, each of its type when present."""
+    from .objective import MAX_STEPS
+
+    if not isinstance(settings, dict):
+        fail("calibrated_for must be a mapping")
+    steps = settings.get("steps")
+    if steps is not None and not (isinstance(steps, list) and steps and all(
+            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_STEPS for n in steps)):
+        fail(f"calibrated_for.steps must be a list of step counts (1 to {MAX_STEPS}), got {steps!r}")
+    if settings.get("steps_combine") not in (None, "mean", "worst"):
+        fail(f"calibrated_for.steps_combine must be mean or worst, got {settings['steps_combine']!r}")
+    scheduler = settings.get("scheduler")
+    if scheduler is not None:
+        if not isinstance(scheduler, dict):
+            fail("calibrated_for.scheduler must be a mapping")
+        if scheduler.get("class") is not None and not isinstance(scheduler["class"], str):
+            fail(f"calibrated_for.scheduler.class must be a class name, got {scheduler['class']!r}")
+        if scheduler.get("shift") is not None and not _number(scheduler["shift"]):
+            fail(f"calibrated_for.scheduler.shift must be a number or null, got {scheduler['shift']!r}")
+        if scheduler.get("use_dynamic_shifting") not in (None, True, False):
+            fail("calibrated_for.scheduler.use_dynamic_shifting must be true, false or null")
+    if settings.get("guidance_scale") is not None and not _number(settings["guidance_scale"]):
+        fail(f"calibrated_for.guidance_scale must be a number or null, got {settings['guidance_scale']!r}")
+    for key in ("height", "width"):
+        value = settings.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            fail(f"calibrated_for.{key} must be a positive number of pixels or null, got {value!r}")
+
+
+# -- the recorded settings against those of use --------------------------------------------------
+def describe_settings(settings: Mapping[str, Any] | None) -> str:
+    """``NFE 2, 4 (mean), guidance 2, FlowMatchEulerDiscreteScheduler shift 3, 512×512``, or
+    ``unknown`` for a file that records none."""
+    if not settings:
+        return "unknown"
+    parts = []
+    steps = settings.get("steps")
+    if steps:
+        combine = settings.get("steps_combine")
+        parts.append(f"NFE {', '.join(map(str, steps))}" + (f" ({combine})" if len(steps) > 1 and combine else ""))
+    if settings.get("guidance_scale") is not None:
+        parts.append(f"guidance {settings['guidance_scale']:g}")
+    scheduler = settings.get("scheduler") or {}
+    if scheduler.get("class"):
+        shift = scheduler.get("shift")
+        parts.append(scheduler["class"] + (f" shift {shift:g}" if shift is not None else "")
+                     + (" (dynamic shifting)" if scheduler.get("use_dynamic_shifting") else ""))
+    if settings.get("height") and settings.get("width"):
+        parts.append(f"{settings['height']}×{settings['width']}")
+    return ", ".join(parts) or "unknown"
+
+
+def scheduler_settings(scheduler: Any) -> dict[str, Any] | None:
+    """What is recorded of a scheduler (None: no scheduler to compare)."""
+    if scheduler is None:
+        return None
+    config = dict(getattr(scheduler, "config", None) or {})
+    shift = config.get("shift")
+    return {"class": type(scheduler).__name__,
+            "shift": float(shift) if _number(shift) else None,
+            "use_dynamic_shifting": config.get("use_dynamic_shifting")}
+
+
+def off_settings(settings: Mapping[str, Any] | None, *, steps: Iterable[int] = (), guidance_scale: float | None = None,
+                 scheduler: Mapping[str, Any] | None = None, height: int | None = None,
+                 width: int | None = None) -> list[str]:
+    """What of the given use differs from the recorded ``settings``, in words (empty: nothing,
+    or nothing recorded); a setting not given, or not recorded, is not compared."""
+    if not settings:
+        return []
+    found = []
+    made_for = settings.get("steps")
+    if made_for:
+        off = sorted({int(n) for n in steps} - set(made_for))
+        if off:
+            found.append(f"NFE {', '.join(map(str, off))} (made for {', '.join(map(str, made_for))})")
+    recorded = settings.get("guidance_scale")
+    if guidance_scale is not None and recorded is not None and not math.isclose(guidance_scale, recorded, rel_tol=1e-9):
+        found.append(f"guidance {guidance_scale:g} (made for {recorded:g})")
+    theirs = settings.get("scheduler") or {}
+    if scheduler is not None and theirs:
+        if theirs.get("class") and scheduler.get("class") != theirs["class"]:
+            found.append(f"scheduler {scheduler.get('class')} (made for {theirs['class']})")
+        elif (theirs.get("shift") is not None and scheduler.get("shift") is not None
+              and not math.isclose(scheduler["shift"], theirs["shift"], rel_tol=1e-9)):
+            found.append(f"scheduler shift {scheduler['shift']:g} (made for {theirs['shift']:g})")
+        elif (theirs.get("use_dynamic_shifting") is not None and scheduler.get("use_dynamic_shifting") is not None
+              and bool(scheduler["use_dynamic_shifting"]) != bool(theirs["use_dynamic_shifting"])):
+            found.append(f"dynamic shifting {'on' if scheduler['use_dynamic_shifting'] else 'off'} "
+                         f"(made with it {'on' if theirs['use_dynamic_shifting'] else 'off'})")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and settings.get(name) is not None and value != settings[name]:
+            found.append(f"{name} {value} (made for {settings[name]})")
+    return found
+
+
+def warn_off_settings(path: str | Path, found: Sequence[str], stacklevel: int = 2) -> None:
+    """One warning line saying which settings of use differ from the calibration's."""
+    if found:
+        warnings.warn(f"calibri: {path} is used off the settings it was calibrated for: {'; '.join(found)}; "
+                      f"expect worse images, or calibrate for these settings", RuntimeWarning,
+                      stacklevel=stacklevel + 1)
 
 
 def apply_calibration(pipe_or_transformer: Any, path: str | Path) -> Calibrator:
-    """Attach the calibration in ``path`` to a pipeline's transformer (or a transformer)."""
+    """Attach the calibration in ``path`` to a pipeline's transformer (or a transformer).
+
+    Given a pipeline and a file that records its settings, it warns (one line) when the
+    pipeline's scheduler is not the one calibrated with, and, each time the pipeline samples, when
+    it samples with a step count (or a guidance scale, where the pipeline keeps it) the
+    calibration was not made for."""
     document = load_calibration(path)
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     try:
@@ -136,7 +267,48 @@ def apply_calibration(pipe_or_transformer: Any, path: str | Path) -> Calibrator:
     check_fits(calibrator, document, path)
     calibrator.attach()
     calibrator.set_values({k: float(v) for k, v in document["values"].items()})
+    settings = document.get("calibrated_for")
+    scheduler = getattr(pipe_or_transformer, "scheduler", None) if pipe_or_transformer is not transformer else None
+    if settings and scheduler is not None:
+        warn_off_settings(path, off_settings(settings, scheduler=scheduler_settings(scheduler)))
+        calibrator.watch = SamplingWatch(pipe_or_transformer, settings, path)
     return calibrator
+
+
+class SamplingWatch:
+    """Checks, once per sampling loop, the step count (and the guidance scale, where the pipeline
+    keeps it as ``_guidance_scale``) against a calibration's recorded settings.
+
+    Called by the calibration's hook on every transformer call; a new sampling loop is a new
+    ``scheduler.timesteps`` (``set_timesteps`` replaces it), so the check costs one identity
+    comparison per call otherwise."""
+
+    def __init__(self, pipe: Any, settings: Mapping[str, Any], path: str | Path) -> None:
+        self.pipe, self.settings, self.path = pipe, settings, path
+        self._seen: Any = None
+
+    def __call__(self) -> None:
+        scheduler = getattr(self.pipe, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None or timesteps is self._seen:
+            return
+        self._seen = timesteps
+        steps = getattr(scheduler, "num_inference_steps", None)
+        if not isinstance(steps, int):
+            steps = len(timesteps)
+        guidance = getattr(self.pipe, "_guidance_scale", None)
+        guidance = float(guidance) if _number(guidance) and self._keeps_guidance() else None
+        warn_off_settings(self.path, off_settings(self.settings, steps=[steps], guidance_scale=guidance), stacklevel=3)
+
+    def _keeps_guidance(self) -> bool:
+        """Whether ``_guidance_scale`` is the scale calibri passes (not so for Qwen-Image, whose
+        classifier-free scale is ``true_cfg_scale``)."""
+        from .generation import family_of
+
+        try:
+            return family_of(self.pipe).guidance_argument == "guidance_scale"
+        except ValueError:
+            return False
 
 
 def check_fits(calibrator: Calibrator, document: dict[str, Any], path: str | Path) -> None:

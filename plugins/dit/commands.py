@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -72,7 +73,7 @@ def bake_command(model_dir: str, calibration: str, output: str, overwrite: bool)
     """
     from calibri.core.errors import UserError
 
-    from .calibration_file import apply_calibration, load_calibration
+    from .calibration_file import apply_calibration, describe_settings, load_calibration, off_settings, warn_off_settings
     from .models import load_model_config, load_transformer
 
     folder = Path(model_dir)
@@ -91,12 +92,39 @@ def bake_command(model_dir: str, calibration: str, output: str, overwrite: bool)
                         f"apply it at run time with apply_calibration")
     out = Path(output)
     _check_output(out, overwrite, [folder, Path(model_dir), Path(calibration)])
+    settings = document.get("calibrated_for")
+    pipeline_scheduler = _saved_scheduler(Path(model_dir))
+    if settings and pipeline_scheduler is not None:
+        warn_off_settings(calibration, off_settings(settings, scheduler=pipeline_scheduler))
     model = load_transformer(folder, config)
     calibrator = apply_calibration(model, calibration)
     calibrator.bake()
     calibrator.detach_hooks_keep_weights()
     _write_folder(out, model.save_pretrained)
-    click.echo(f"baked {len(calibrator.sites)} sites into {output}")
+    click.echo(f"baked {len(calibrator.sites)} sites into {output}"
+               + (f"; sample it as it was calibrated: {describe_settings(settings)}" if settings else ""))
+
+
+def _saved_scheduler(model_dir: Path) -> dict[str, object] | None:
+    """The class and shift of a pipeline folder's scheduler (None: a transformer folder, or no
+    readable scheduler config: nothing to compare)."""
+    from calibri.core.errors import UserError
+
+    from .models import read_json_file
+
+    path = model_dir / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = read_json_file(path, "scheduler config")
+    except UserError:
+        return None
+    if not isinstance(config, dict):
+        return None
+    shift = config.get("shift")
+    return {"class": config.get("_class_name"),
+            "shift": float(shift) if isinstance(shift, (int, float)) and not isinstance(shift, bool) else None,
+            "use_dynamic_shifting": config.get("use_dynamic_shifting")}
 
 
 def _check_output(out: Path, overwrite: bool, keep: list[Path]) -> None:
@@ -206,7 +234,8 @@ def evaluate_command(target: str, steps_text: str, guidance_text: str | None, pr
     """
     from calibri.core.errors import UserError
 
-    from .evaluation import evaluate, markdown_table, matching_nfe, plot_nfe, write_csv
+    from .calibration_file import off_settings, scheduler_settings, warn_off_settings
+    from .evaluation import evaluate, markdown_table, matching_nfe, off_nfe_note, plot_nfe, write_csv
     from .models import check_device
     from .objective import check_reward_spec
     from .prompts import load_prompts
@@ -224,7 +253,12 @@ def evaluate_command(target: str, steps_text: str, guidance_text: str | None, pr
     out = Path(output) if output else (path / "evaluation" if path.is_dir() else path.with_suffix("").parent / f"{path.stem}-evaluation")
     if out.exists() and not out.is_dir():
         raise UserError(f"-o/--output: {out} exists and is not a folder")
-    objective, values, held = _evaluation_target(path, model, reward, device, chosen, seed)
+    objective, values, held, settings = _evaluation_target(path, model, reward, device, chosen, seed)
+    height, width = objective.generator.resolution()
+    warn_off_settings(path, off_settings(settings, steps=steps, guidance_scale=objective.generator.effective_guidance(),
+                                         scheduler=scheduler_settings(getattr(objective.pipe, "scheduler", None)),
+                                         height=height, width=width))
+    made_for = (settings or {}).get("steps")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -244,21 +278,25 @@ def evaluate_command(target: str, steps_text: str, guidance_text: str | None, pr
         rows = evaluate(objective, variants, steps, texts, metadata, image_seed, calibrated=values, progress=progress)
     finally:
         objective.close()
-    write_csv(rows, out / "evaluation.csv")
-    table = markdown_table(rows)
-    (out / "evaluation.md").write_text(table + "\n", encoding="utf-8")
-    plot_nfe(rows, out / "reward_vs_nfe.png", f"{path.name}: {len(texts)} prompts, seed {image_seed}")
+    write_csv(rows, out / "evaluation.csv", made_for)
+    table = markdown_table(rows, made_for)
+    note = off_nfe_note(rows, made_for, maximize)
+    (out / "evaluation.md").write_text(table + "\n" + (f"\n{note}\n" if note else ""), encoding="utf-8")
+    plot_nfe(rows, out / "reward_vs_nfe.png", f"{path.name}: {len(texts)} prompts, seed {image_seed}", made_for)
     click.echo(table)
     for n in steps:
         match = matching_nfe(rows, at_steps=n, maximize=maximize)
         if match is not None:
             click.echo(f"baseline matches calibrated@{n} at NFE {match}")
+    if note:
+        click.echo(note)
     click.echo(f"written: {out}")
 
 
 def _evaluation_target(path, model, reward, device, chosen, seed):
-    """(objective, calibrated values, (prompts, metadata, seed)) for a run dir or a calibration file;
-    ``chosen`` is the ``--prompts`` set, already loaded (or None)."""
+    """(objective, calibrated values, (prompts, metadata, seed), recorded settings or None) for a
+    run dir or a calibration file; ``chosen`` is the ``--prompts`` set, already loaded (or None).
+    A file's recorded guidance scale and image size are used where the pipeline takes them."""
     import pydantic
 
     from calibri.core.errors import ConfigError, UserError
@@ -286,6 +324,7 @@ def _evaluation_target(path, model, reward, device, chosen, seed):
             objective.close()
             raise
         texts, metadata, image_seed = held_out(stream)
+        settings = objective.calibrated_for()
     else:
         document = load_calibration(path)
         name = model or document.get("model", {}).get("name_or_path") or ""
@@ -302,9 +341,13 @@ def _evaluation_target(path, model, reward, device, chosen, seed):
         is_toy = name in SHIPPED_MODELS or Path(name).resolve() == Path(resolve_model("toy")).resolve()
         if reward is None and not is_toy:
             raise UserError("--reward: give the reward to evaluate with (e.g. hpsv3)")
+        settings = document.get("calibrated_for")
+        guidance = document.get("guidance_scale")
+        if document["form"] != "cfg" and settings and settings.get("guidance_scale") is not None:
+            guidance = settings["guidance_scale"]  # the pipeline's guidance it was calibrated at
         try:
             options = CalibriOptions(model=name, granularity=document["granularity"], copies=document["copies"],
-                                     form=document["form"], guidance_scale=document.get("guidance_scale"),
+                                     form=document["form"], guidance_scale=guidance,
                                      time_buckets=document.get("time_buckets", 1),
                                      reward=reward or "toy_oracle", device=device)
         except pydantic.ValidationError as exc:
@@ -327,6 +370,7 @@ def _evaluation_target(path, model, reward, device, chosen, seed):
         except Exception:
             objective.close()
             raise
+        _use_recorded_size(objective, settings)
         values = {k: float(v) for k, v in document["values"].items()}
         image_seed = options.validation_seed
         if chosen is None:  # the toy model: its shipped held-out prompts
@@ -336,4 +380,20 @@ def _evaluation_target(path, model, reward, device, chosen, seed):
         texts, metadata = list(chosen.prompts), list(chosen.metadata)
     if seed is not None:
         image_seed = seed
-    return objective, values, (texts, metadata, image_seed)
+    return objective, values, (texts, metadata, image_seed), settings
+
+
+def _use_recorded_size(objective: Any, settings: Mapping[str, Any] | None) -> None:
+    """Make images at the size a calibration file records, where the pipeline takes a size."""
+    import inspect
+
+    if not settings or settings.get("height") is None or settings.get("width") is None:
+        return
+    if objective.generator.resolution() == (settings["height"], settings["width"]):
+        return
+    try:
+        parameters = inspect.signature(type(objective.pipe).__call__).parameters
+    except (TypeError, ValueError):
+        return
+    if {"height", "width"} <= set(parameters) or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        objective.generator.height, objective.generator.width = settings["height"], settings["width"]

@@ -2,7 +2,9 @@
 
 Every variant is scored on the same prompts with the same per-image seeds, so differences are
 paired: the table gives each variant's mean reward with its standard error, and its mean
-difference from the baseline *at the same NFE* with the paired standard error. Variants:
+difference from the baseline *at the same NFE* with the paired standard error. The NFEs the
+calibration was made for are marked (table, CSV and plot), and :func:`off_nfe_note` says in words
+where it falls below the uncalibrated model off them. Variants:
 
 * ``baseline``   — the model as shipped (identity calibration);
 * ``calibrated`` — the calibration's values;
@@ -116,29 +118,69 @@ def matching_nfe(rows: Sequence[Row], variant: str = "calibrated", at_steps: int
     return None
 
 
-def write_csv(rows: Sequence[Row], path: Path) -> Path:
+def _made_for(row: Row, made_for: Sequence[int] | None) -> str:
+    """``yes``/``no`` for a calibrated row (empty when the NFEs are unknown, and for other variants)."""
+    if made_for is None or row.variant != "calibrated":
+        return ""
+    return "yes" if row.steps in made_for else "no"
+
+
+def write_csv(rows: Sequence[Row], path: Path, made_for: Sequence[int] | None = None) -> Path:
+    """The rows as CSV; ``calibrated_for`` says whether a calibrated row's NFE is one it was made for."""
     terms = sorted({k for r in rows for k in (r.terms or {})})
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["variant", "steps", "mean", "sem", "n", "diff_vs_baseline", "diff_sem", "z", *terms])
+        writer.writerow(["variant", "steps", "mean", "sem", "n", "diff_vs_baseline", "diff_sem", "z", "calibrated_for",
+                         *terms])
         for r in rows:
             writer.writerow([r.variant, r.steps, f"{r.mean:.6f}", f"{r.sem:.6f}", r.n,
                              "" if r.diff is None else f"{r.diff:.6f}", "" if r.diff_sem is None else f"{r.diff_sem:.6f}",
-                             "" if r.z is None else f"{r.z:.2f}", *[f"{(r.terms or {}).get(t, float('nan')):.4f}" for t in terms]])
+                             "" if r.z is None else f"{r.z:.2f}", _made_for(r, made_for),
+                             *[f"{(r.terms or {}).get(t, float('nan')):.4f}" for t in terms]])
     return path
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
-    lines = ["| variant | NFE | mean reward ± s.e. | vs baseline at same NFE (paired) | z |",
-             "|---|---|---|---|---|"]
+def markdown_table(rows: Sequence[Row], made_for: Sequence[int] | None = None) -> str:
+    """The rows as a markdown table; with ``made_for`` (the NFEs the calibration was made for) a
+    last column marks the calibrated rows at those NFEs."""
+    marked = made_for is not None
+    lines = ["| variant | NFE | mean reward ± s.e. | vs baseline at same NFE (paired) | z |" + (" made for this NFE |" if marked else ""),
+             "|---|---|---|---|---|" + ("---|" if marked else "")]
     for r in sorted(rows, key=lambda r: (r.variant != "baseline", r.variant, r.steps)):
         diff = "" if r.diff is None else f"{r.diff:+.4f} ± {r.diff_sem:.4f}"
         z = "" if r.z is None else f"{r.z:.1f}"
-        lines.append(f"| {r.variant} | {r.steps} | {r.mean:.4f} ± {r.sem:.4f} | {diff} | {z} |")
+        mark = {"yes": " ✓ |", "no": " off |", "": " |"}[_made_for(r, made_for)] if marked else ""
+        lines.append(f"| {r.variant} | {r.steps} | {r.mean:.4f} ± {r.sem:.4f} | {diff} | {z} |{mark}")
     return "\n".join(lines)
 
 
-def plot_nfe(rows: Sequence[Row], path: Path, title: str = "reward vs NFE") -> Path | None:
+def off_nfe_note(rows: Sequence[Row], made_for: Sequence[int] | None, maximize: bool = True,
+                 variant: str = "calibrated") -> str | None:
+    """In words, how the calibration does at the evaluated NFEs it was not made for: where it is
+    worse than the uncalibrated model at the same NFE by more than two paired standard errors (it
+    collapses there), or that it holds. None when nothing was evaluated off its NFEs."""
+    if not made_for:
+        return None
+    off = sorted((r for r in rows if r.variant == variant and r.steps not in made_for and r.diff is not None),
+                 key=lambda r: r.steps)
+    if not off:
+        return None
+    nfes = ", ".join(map(str, made_for))
+    sign = 1.0 if maximize else -1.0
+    worse = [r for r in off if r.diff_sem is not None and sign * r.diff < -2.0 * r.diff_sem]
+    if not worse:
+        return (f"Off the NFEs it was made for ({nfes}), the calibration holds: at NFE "
+                f"{', '.join(str(r.steps) for r in off)} it is no worse than the uncalibrated model "
+                f"(within two standard errors or better).")
+    detail = "; ".join(f"NFE {r.steps}: {r.mean:.3f} vs {r.mean - r.diff:.3f}, {r.diff:+.3f} ± {r.diff_sem:.3f}"
+                       for r in worse)
+    return (f"Off the NFEs it was made for ({nfes}), the calibration collapses: it is worse than the uncalibrated "
+            f"model at the same NFE ({detail}). Use it only at NFE {nfes}, or calibrate for the range you deploy "
+            f"(objective.options.steps: [..]).")
+
+
+def plot_nfe(rows: Sequence[Row], path: Path, title: str = "reward vs NFE",
+             made_for: Sequence[int] | None = None) -> Path | None:
     from calibri.core.report import pyplot
 
     plt = pyplot(path.name)
@@ -152,6 +194,8 @@ def plot_nfe(rows: Sequence[Row], path: Path, title: str = "reward vs NFE") -> P
         es = np.array([r.sem for r in own])
         ax.plot(xs, ys, marker="o", label=variant)
         ax.fill_between(xs, ys - es, ys + es, alpha=0.2)
+    for i, n in enumerate(made_for or ()):
+        ax.axvline(n, color="tab:green", linestyle=":", alpha=0.7, label="calibrated for" if i == 0 else None)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({r.steps for r in rows}))
     ax.set_xticklabels([str(s) for s in sorted({r.steps for r in rows})])

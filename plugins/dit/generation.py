@@ -130,6 +130,7 @@ class ImageGenerator:
         self.negative_prompt = negative_prompt
         self.pipeline_options = dict(pipeline_options or {})
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._last_size: tuple[int, int] | None = None
         self.device = execution_device(pipe)
         self._negative: dict[str, torch.Tensor] = {}
         if self.family.has_cfg:
@@ -168,6 +169,30 @@ class ImageGenerator:
             out[key] = torch.cat(tensors)
         return out
 
+    # -- the settings images are made with ---------------------------------------------------
+    def resolution(self) -> tuple[int | None, int | None]:
+        """(height, width) in pixels: of the last images made, else the ones set, else the
+        pipeline's default (``default_sample_size × vae_scale_factor``, as diffusers pipelines
+        compute it); None where unknown."""
+        if self._last_size is not None:
+            return self._last_size
+        sample, factor = getattr(self.pipe, "default_sample_size", None), getattr(self.pipe, "vae_scale_factor", None)
+        default = sample * factor if isinstance(sample, int) and isinstance(factor, int) else None
+        return (self.height or default, self.width or default)
+
+    def effective_guidance(self) -> float | None:
+        """The guidance scale the pipeline samples with: the one set, else its ``__call__``'s default."""
+        if self.guidance_scale is not None:
+            return float(self.guidance_scale)
+        import inspect
+
+        try:
+            parameter = inspect.signature(type(self.pipe).__call__).parameters.get(self.family.guidance_argument)
+        except (TypeError, ValueError):
+            return None
+        default = None if parameter is None else parameter.default
+        return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+
     # -- images -----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], seed: int, steps: int | None = None) -> torch.Tensor:
         """Images N×3×H×W in [0, 1] (float32, CPU); image j uses ``image_seed(seed, j)``."""
@@ -191,4 +216,6 @@ class ImageGenerator:
             with torch.no_grad():
                 out = self.pipe(**kwargs).images
             images.append(torch.as_tensor(out).float().cpu())
-        return torch.cat(images).clamp(0, 1)
+        result = torch.cat(images).clamp(0, 1)
+        self._last_size = (int(result.shape[-2]), int(result.shape[-1]))
+        return result

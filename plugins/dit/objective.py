@@ -4,7 +4,10 @@ Registered as the objective ``calibri``. One worker loads the pipeline once, att
 calibration once, and for each candidate writes its values in place, generates the round's
 images (the round's prompts, one shared seed: common random numbers) and scores them. The value is
 the mean reward; the metrics hold its standard error and every reward component's (or the toy
-oracle's every term's) mean. The run's direction is the reward's: maximised when higher is better,
+oracle's every term's) mean. Given several step counts (``steps: [2, 4]``), every candidate is
+scored at each on the same prompts and seeds and the per-NFE means are combined (``steps_combine``:
+their mean, or the worst of them), so one calibration serves a range of NFEs; the per-NFE means are
+kept as ``reward@<n>`` metrics. The run's direction is the reward's: maximised when higher is better,
 minimised otherwise (``total_variation``). The same objective, given the validation split, scores
 held-out prompts with fixed seeds — that is what selects the run's result (``validation.every``).
 
@@ -38,6 +41,8 @@ MAX_BUCKET_SIZE = 1024
 MAX_BATCH_SIZE = 1024
 MAX_IMAGE_SIDE = 16384
 MAX_GUIDANCE = 100.0
+#: At most this many step counts in ``steps`` (each one costs a full generation per candidate).
+MAX_NFES = 16
 #: Pipeline arguments the objective sets itself, and the option that sets each (None: internal);
 #: the guidance argument is added per pipeline family (``guidance_scale``, ``true_cfg_scale``).
 MANAGED_ARGUMENTS: dict[str, str | None] = {
@@ -69,6 +74,7 @@ class CalibriOptions(pydantic.BaseModel):
     guidance_scale: float | None = pydantic.Field(None, validate_default=True)
     time_buckets: int = 1
     with_omega: bool = True
+    omega_sum: tuple[float, float] | None = None
     sigma: float = 0.25
     omega_sigma: float | None = None
     reward: Any = "toy_oracle"
@@ -76,7 +82,8 @@ class CalibriOptions(pydantic.BaseModel):
     validation_prompts: Any = "toy/validation"
     bucket_size: int = 16
     validation_seed: int = 0
-    steps: int = 15
+    steps: int | list[int] = 15
+    steps_combine: Literal["mean", "worst"] = "mean"
     height: int | None = None
     width: int | None = None
     batch_size: int = 16
@@ -91,7 +98,12 @@ class CalibriOptions(pydantic.BaseModel):
         """The options from values ``validate_options`` already checked (not validated again)."""
         return cls.model_construct(**options)
 
-    @pydantic.field_validator("copies", "time_buckets", "bucket_size", "steps", "batch_size")
+    @property
+    def step_counts(self) -> tuple[int, ...]:
+        """The NFEs the calibration is made for, ascending (one for ``steps: 4``)."""
+        return (self.steps,) if isinstance(self.steps, int) else tuple(self.steps)
+
+    @pydantic.field_validator("copies", "time_buckets", "bucket_size", "batch_size")
     @classmethod
     def _count(cls, value: int, info: pydantic.ValidationInfo) -> int:
         from .calibration import MAX_COPIES, MAX_TIME_BUCKETS
@@ -99,10 +111,57 @@ class CalibriOptions(pydantic.BaseModel):
         if value < 1:
             raise ValueError(f"must be at least 1, got {value}")
         most = {"copies": MAX_COPIES, "time_buckets": MAX_TIME_BUCKETS, "bucket_size": MAX_BUCKET_SIZE,
-                "steps": MAX_STEPS, "batch_size": MAX_BATCH_SIZE}[info.field_name]
+                "batch_size": MAX_BATCH_SIZE}[info.field_name]
         if value > most:
             raise ValueError(f"must be at most {most}, got {value}")
         return value
+
+    @pydantic.field_validator("steps", mode="before")
+    @classmethod
+    def _step_counts(cls, value: Any) -> int | list[int]:
+        """A step count, a list of them, or an inclusive range ``"FIRST..LAST"``; a list comes out
+        ascending, so ``[4, 2]`` and ``[2, 4]`` are the same calibration."""
+        if isinstance(value, str) and ".." in value:
+            first, _, last = value.partition("..")
+            try:
+                low, high = int(first), int(last)
+            except ValueError:
+                raise ValueError(f"a range is written FIRST..LAST (e.g. 2..8), got {value!r}") from None
+            if low > high:
+                raise ValueError(f"the range {value!r} is empty (FIRST is above LAST)")
+            if high - low + 1 > MAX_NFES:
+                raise ValueError(f"at most {MAX_NFES} step counts, got {high - low + 1} in {value!r}")
+            counts = list(range(low, high + 1))
+        elif isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError("give at least one step count")
+            if len(value) > MAX_NFES:
+                raise ValueError(f"at most {MAX_NFES} step counts, got {len(value)}")
+            counts = [_step_count(item) for item in value]
+            repeated = sorted({c for c in counts if counts.count(c) > 1})
+            if repeated:
+                raise ValueError(f"lists {', '.join(map(str, repeated))} more than once")
+            return sorted(counts)
+        else:
+            return _step_count(value)
+        for count in counts:
+            _step_count(count)
+        return counts
+
+    @pydantic.field_validator("omega_sum")
+    @classmethod
+    def _omega_sum(cls, value: tuple[float, float] | None,
+                   info: pydantic.ValidationInfo) -> tuple[float, float] | None:
+        if value is None:
+            return None
+        low, high = value
+        if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+            raise ValueError(f"must be [LOW, HIGH] with finite LOW <= HIGH, got {list(value)!r}")
+        if not low <= 1.0 <= high:  # every form starts at sum 1: plain CFG, or the model as it is
+            raise ValueError(f"must contain 1, the sum at the starting point, got {list(value)!r}")
+        if info.data.get("with_omega") is False:
+            raise ValueError("bounds the searched ω: needs with_omega: true")
+        return (float(low), float(high))
 
     @pydantic.field_validator("height", "width")
     @classmethod
@@ -147,6 +206,47 @@ class CalibriOptions(pydantic.BaseModel):
                 option = MANAGED_ARGUMENTS[key]
                 raise ValueError(f"{key!r} is set by calibri" + (f": use objective.options.{option}" if option else ""))
         return value
+
+
+def _step_count(value: Any) -> int:
+    """One step count: an integer (or an integral number) from 1 to MAX_STEPS."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a step count, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(f"expected a step count, a list of them or a range FIRST..LAST, got {value!r}") from None
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise ValueError(f"expected a whole number of steps, got {value!r}")
+        value = int(value)
+    if not isinstance(value, int):
+        raise ValueError(f"expected a step count, a list of them or a range FIRST..LAST, got {value!r}")
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    if value > MAX_STEPS:
+        raise ValueError(f"must be at most {MAX_STEPS}, got {value}")
+    return value
+
+
+def project_omega(params: Params, names: Sequence[Sequence[str]], bounds: tuple[float, float]) -> Params:
+    """``params`` with each time bucket's ω shifted, all by the same amount, so their sum lies in
+    ``bounds`` (the nearest such point: a Euclidean projection). ``names`` lists each bucket's ω
+    names; a bucket already inside is left exactly as it is."""
+    low, high = bounds
+    out = dict(params)
+    for bucket in names:
+        present = [name for name in bucket if name in out]
+        if not present:
+            continue
+        total = math.fsum(float(out[name]) for name in present)
+        target = min(max(total, low), high)
+        if target != total:
+            shift = (target - total) / len(present)
+            for name in present:
+                out[name] = float(out[name]) + shift
+    return out
 
 
 @options_model(CalibriOptions)
@@ -339,7 +439,8 @@ class CalibriObjective(Objective):
         self.space = self.calibrator.space(opts.with_omega, opts.sigma, opts.omega_sigma)
         self.reward = build_reward(opts.reward, field=f"{FIELD}.reward", device=device)
         self.direction = "maximize" if self.reward.higher_is_better else "minimize"
-        self.generator = ImageGenerator(self.pipe, opts.steps, opts.guidance_scale, opts.height, opts.width,
+        self.step_counts = opts.step_counts
+        self.generator = ImageGenerator(self.pipe, self.step_counts[0], opts.guidance_scale, opts.height, opts.width,
                                         opts.batch_size, opts.negative_prompt, opts.pipeline_options)
         if opts.text_encoders_to_cpu:
             for spec in (opts.prompts, opts.validation_prompts):
@@ -360,21 +461,95 @@ class CalibriObjective(Objective):
         self.calibrator.detach()
 
     # -- building blocks (also used by reports and ``calibri evaluate``) -----------------------
+    def feasible(self, params: Params | None) -> tuple[Params | None, bool]:
+        """``(values, projected)``: the values images are made with — ``params`` with each time
+        bucket's ω moved into ``omega_sum`` when that guard is set — and whether they moved."""
+        bounds = self.options.omega_sum
+        if params is None or bounds is None:
+            return params, False
+        omega = self.calibrator.parameter_names()[-self.calibrator.rows:]
+        per_bucket = [omega[b * self.calibrator.copies : (b + 1) * self.calibrator.copies]
+                      for b in range(self.calibrator.time_buckets)]
+        projected = project_omega(params, per_bucket, bounds)
+        return projected, projected != dict(params)
+
     def images(self, params: Params | None, prompts: Sequence[str], seed: int, steps: int | None = None) -> Any:
         """Images for ``params`` (None: the identity calibration) — N×3×H×W in [0, 1]."""
-        self.calibrator.reset()  # names a candidate leaves out (e.g. ω when not searched) are at identity
-        if params is not None:
-            self.calibrator.set_values(dict(params))
+        self._set(self.feasible(params)[0])
         return self.generator.generate(prompts, seed, steps)
 
+    def _set(self, values: Params | None) -> None:
+        self.calibrator.reset()  # names a candidate leaves out (e.g. ω when not searched) are at identity
+        if values is not None:
+            self.calibrator.set_values(dict(values))
+
     def score(self, params: Params | None, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]],
-              seed: int, steps: int | None = None) -> EvalResult:
-        images = self.images(params, prompts, seed, steps)
-        scores, details = score_images(self.reward, images, prompts, metadata)
-        n = len(scores)
-        metrics = {"reward_sem": float(scores.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0}
-        metrics.update({f"reward.{name}": float(np.mean(values)) for name, values in details.items()})
-        return EvalResult(value=float(scores.mean()), metrics=metrics, artifacts={"n_images": n})
+              seed: int, steps: int | Sequence[int] | None = None) -> EvalResult:
+        """One candidate's result: at each step count (the options' by default) the mean reward of
+        the same prompts and seeds, combined by ``steps_combine`` when there are several."""
+        counts = (self.step_counts if steps is None else (int(steps),) if isinstance(steps, (int, np.integer))
+                  else tuple(int(s) for s in steps))
+        values, projected = self.feasible(params)
+        self._set(values)
+        per_nfe = []
+        for n_steps in counts:
+            images = self.generator.generate(prompts, seed, n_steps)
+            per_nfe.append(score_images(self.reward, images, prompts, metadata))
+        n = len(per_nfe[0][0])
+        artifacts: dict[str, Any] = {"n_images": n * len(counts)}
+        if len(counts) == 1:
+            scores, details = per_nfe[0]
+            metrics = {"reward_sem": _sem(scores)}
+            metrics.update({f"reward.{name}": float(np.mean(v)) for name, v in details.items()})
+            value = float(scores.mean())
+        else:
+            value, metrics = self._combine(counts, per_nfe)
+        if self.options.omega_sum is not None:
+            metrics["omega_projected"] = float(projected)
+        return EvalResult(value=value, metrics=metrics, artifacts=artifacts)
+
+    def _combine(self, counts: Sequence[int], per_nfe: Sequence[tuple[np.ndarray, dict[str, np.ndarray]]],
+                 ) -> tuple[float, dict[str, float]]:
+        """The value over several NFEs from each NFE's mean, computed exactly as a one-NFE value is
+        (``float(scores.mean())``), so it equals the mean (or worst) of one-NFE evaluations."""
+        means = [float(scores.mean()) for scores, _ in per_nfe]
+        metrics: dict[str, float] = {}
+        for n_steps, (scores, _), mean in zip(counts, per_nfe, means):
+            metrics[f"reward@{n_steps}"] = mean
+            metrics[f"reward_sem@{n_steps}"] = _sem(scores)
+        if self.options.steps_combine == "worst":
+            worst = (min if self.direction == "maximize" else max)(range(len(means)), key=lambda i: means[i])
+            value = means[worst]
+            metrics["reward_sem"] = _sem(per_nfe[worst][0])
+        else:
+            value = math.fsum(means) / len(means)
+            metrics["reward_sem"] = _sem(np.mean([scores for scores, _ in per_nfe], axis=0))  # paired per image
+        for name in per_nfe[0][1]:
+            metrics[f"reward.{name}"] = float(np.mean([np.mean(details[name]) for _, details in per_nfe]))
+        return value, metrics
+
+    def calibrated_for(self) -> dict[str, Any]:
+        """The sampling settings this objective scores under, recorded in the calibration file so
+        that using it off them can be warned about: step counts (and how they were combined), the
+        scheduler's class and shift, the guidance scale, the image size."""
+        scheduler = getattr(self.pipe, "scheduler", None)
+        config = dict(getattr(scheduler, "config", None) or {})
+        height, width = self.generator.resolution()
+        return {"steps": list(self.step_counts), "steps_combine": self.options.steps_combine,
+                "scheduler": {"class": type(scheduler).__name__ if scheduler is not None else None,
+                              "shift": _plain_number(config.get("shift")),
+                              "use_dynamic_shifting": config.get("use_dynamic_shifting")},
+                "guidance_scale": self.generator.effective_guidance(),
+                "height": height, "width": width}
+
+
+def _sem(values: np.ndarray) -> float:
+    n = len(values)
+    return float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+
+
+def _plain_number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def score_images(reward: Any, images: Any, prompts: Sequence[str],

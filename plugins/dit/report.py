@@ -93,7 +93,7 @@ def held_out(stream: Any) -> tuple[list[str], list[Any], int]:
 def write_report(run_dir: str | Path, nfe: Sequence[int] = DEFAULT_NFE, guidance: Sequence[float] = (),
                  grid_prompts: int = 8, device: str | None = None) -> Path:
     from .calibration_file import save_calibration
-    from .evaluation import evaluate, markdown_table, matching_nfe, plot_nfe, write_csv
+    from .evaluation import evaluate, markdown_table, off_nfe_note, plot_nfe, write_csv
 
     run_dir = Path(run_dir)
     started = time.monotonic()
@@ -101,26 +101,30 @@ def write_report(run_dir: str | Path, nfe: Sequence[int] = DEFAULT_NFE, guidance
     try:
         best = run_best(run_dir)
         values, how = selected_values(best, run_dir / "best.json")
-        objective.calibrator.set_values(dict(values))
-        save_calibration(objective.calibrator, run_dir / "calibration.json")
+        feasible, projected = objective.feasible(values)  # what validation scored (omega_sum)
+        objective.calibrator.set_values(dict(feasible))
+        save_calibration(objective.calibrator, run_dir / "calibration.json", objective.calibrated_for())
+        if projected:
+            how += "; its ω projected into objective.options.omega_sum, as it was scored"
         prompts, metadata, seed = held_out(stream)
         where = ("held-out prompts, fixed seeds" if getattr(stream, "has_validation", False)
                  else "TRAINING prompts of round 0 (the run has no validation set: gains are overstated)")
-        steps = sorted(set(int(s) for s in nfe) | {objective.options.steps})
+        made_for = list(objective.step_counts)
+        steps = sorted(set(int(s) for s in nfe) | set(made_for))
         variants = ["baseline", "calibrated", *[f"guidance={g:g}" for g in guidance]]
         rows = evaluate(objective, variants, steps, prompts, metadata, seed, calibrated=values)
-        write_csv(rows, run_dir / "evaluation.csv")
-        table = markdown_table(rows)
-        (run_dir / "evaluation.md").write_text(table + "\n", encoding="utf-8")
-        plot_nfe(rows, run_dir / "reward_vs_nfe.png", f"{run_dir.name}: {where}")
+        write_csv(rows, run_dir / "evaluation.csv", made_for)
+        table = markdown_table(rows, made_for)
+        note = off_nfe_note(rows, made_for, objective.direction == "maximize")
+        (run_dir / "evaluation.md").write_text(table + "\n" + (f"\n{note}\n" if note else ""), encoding="utf-8")
+        plot_nfe(rows, run_dir / "reward_vs_nfe.png", f"{run_dir.name}: {where}", made_for)
         plot_curve(run_dir, run_dir / "reward_curve.png")
         pick = np.linspace(0, len(prompts) - 1, min(grid_prompts, len(prompts))).round().astype(int).tolist()
         grid_p = [prompts[i] for i in pick]
         before = objective.images(None, grid_p, seed)
         after = objective.images(values, grid_p, seed)
-        plot_grid(grid_p, before, after, run_dir / "grid.png", objective.options.steps)
-        match = matching_nfe(rows, at_steps=objective.options.steps, maximize=objective.direction == "maximize")
-        summary = _summary_text(run_dir, best, config, objective, how, rows, match, table, where)
+        plot_grid(grid_p, before, after, run_dir / "grid.png", made_for[0])
+        summary = _summary_text(run_dir, best, config, objective, how, rows, table, where, note)
         (run_dir / "report.md").write_text(summary, encoding="utf-8")
     finally:
         objective.close()
@@ -129,26 +133,38 @@ def write_report(run_dir: str | Path, nfe: Sequence[int] = DEFAULT_NFE, guidance
 
 
 def _summary_text(run_dir: Path, best: dict[str, Any], config: dict[str, Any], objective: Any, how: str,
-                  rows: Sequence[Any], match: int | None, table: str, where: str) -> str:
+                  rows: Sequence[Any], table: str, where: str, note: str | None) -> str:
+    from .calibration_file import describe_settings
+    from .evaluation import matching_nfe
+
     opts = objective.options
-    n = objective.options.steps
+    made_for = list(objective.step_counts)
+    maximize = objective.direction == "maximize"
     own = {(r.variant, r.steps): r for r in rows}
-    cal, base = own.get(("calibrated", n)), own.get(("baseline", n))
+    nfes = ", ".join(map(str, made_for))
+    combined = (f" (each candidate scored at NFE {nfes}, {'mean' if opts.steps_combine == 'mean' else 'worst'} of them)"
+                if len(made_for) > 1 else "")
     lines = [f"# Calibration report: {run_dir.name}", "",
              f"- model: `{opts.model}` ({type(objective.pipe.transformer).__name__}), granularity **{opts.granularity}**, "
              f"{objective.calibrator.count()} parameters ({opts.copies} cop{'y' if opts.copies == 1 else 'ies'}, "
              f"form {objective.calibrator.form})",
              f"- optimiser `{config['optimizer']['name']}`, {best['rounds']} rounds, {best['evaluations']} evaluations, "
-             f"{best['elapsed_seconds']:.0f} s; bucket {opts.bucket_size} prompts per round, {n} steps",
+             f"{best['elapsed_seconds']:.0f} s; bucket {opts.bucket_size} prompts per round, {nfes} steps{combined}",
+             f"- calibrated for: {describe_settings(objective.calibrated_for())}",
              f"- result: {how}; written to `calibration.json`"]
-    if cal is not None and base is not None:
-        z = f", {cal.z:.1f} s.e." if cal.z is not None else ""
-        lines.append(f"- reward at NFE {n} ({where}): baseline {base.mean:.4f} ± {base.sem:.4f} → calibrated "
-                     f"{cal.mean:.4f} ± {cal.sem:.4f} (paired difference {cal.diff:+.4f} ± {cal.diff_sem:.4f}{z})")
-    if match is not None:
-        lines.append(f"- the baseline needs NFE {match} to match the calibrated model at NFE {n}")
-    else:
-        lines.append(f"- no evaluated NFE of the baseline matches the calibrated model at NFE {n}")
+    for n in made_for:
+        cal, base = own.get(("calibrated", n)), own.get(("baseline", n))
+        if cal is not None and base is not None:
+            z = f", {cal.z:.1f} s.e." if cal.z is not None else ""
+            lines.append(f"- reward at NFE {n} ({where}): baseline {base.mean:.4f} ± {base.sem:.4f} → calibrated "
+                         f"{cal.mean:.4f} ± {cal.sem:.4f} (paired difference {cal.diff:+.4f} ± {cal.diff_sem:.4f}{z})")
+        match = matching_nfe(rows, at_steps=n, maximize=maximize)
+        if match is not None:
+            lines.append(f"- the baseline needs NFE {match} to match the calibrated model at NFE {n}")
+        else:
+            lines.append(f"- no evaluated NFE of the baseline matches the calibrated model at NFE {n}")
+    if note:
+        lines.append(f"- {note}")
     lines += ["", f"## Baseline vs calibrated across NFE ({where})", "", table, "",
               "![reward vs NFE](reward_vs_nfe.png)", "", "## Training", "", "![reward per round](reward_curve.png)",
               "", "## Images (top: baseline, bottom: calibrated; same prompts and seeds)", "", "![grid](grid.png)", ""]

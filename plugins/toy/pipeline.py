@@ -71,6 +71,10 @@ class ToyFlowPipeline(DiffusionPipeline):
     """Text → 32×32 image with an SD3-class transformer in pixel space (see the module docstring)."""
 
     model_cpu_offload_seq = "text_encoder->transformer"
+    #: Its image size, the way diffusers pipelines state their default (``default_sample_size ×
+    #: vae_scale_factor`` pixels): pixel space, so the factor is 1.
+    default_sample_size = IMAGE_SIZE
+    vae_scale_factor = 1
 
     def __init__(self, transformer: SD3Transformer2DModel, text_encoder: CLIPTextModelWithProjection,
                  tokenizer: PreTrainedTokenizerFast, scheduler: FlowMatchEulerDiscreteScheduler) -> None:
@@ -112,6 +116,7 @@ class ToyFlowPipeline(DiffusionPipeline):
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True) -> Any:
         device = self._execution_device
+        self._guidance_scale = guidance_scale  # as diffusers pipelines keep it, for hooks that check it
         cfg = guidance_scale > 1.0
         if prompt_embeds is None:
             if prompt is None:
