@@ -71,6 +71,7 @@ bench: venv
 	$(PY) benchmarks/rewards_throughput.py
 	$(PY) benchmarks/reward_server_overhead.py
 	$(PY) benchmarks/cma_wrapping_parity.py
+	$(PY) benchmarks/dask_executor.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -39,6 +39,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "calibri.rewards.models",
     "calibri.rewards.remote",
     "calibri.core.executors",
+    "calibri.plugins.dask",
     "calibri.core.callbacks",
     "calibri.core.commands",
 )

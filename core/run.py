@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import inspect
 import json
 import platform
 import random
@@ -132,7 +133,7 @@ def plan(config: RunConfig) -> Plan:
     optimizer_options = validate_options(optimizer.factory, config.optimizer.options, "optimizer.options", skip=2)
     executor = registry.get("executors", config.executor.name, "executor.name")
     executor_options = validate_options(executor.factory, config.executor.options, "executor.options", skip=1,
-                                        reserved=("workers", "devices"))
+                                        reserved=("workers", "devices", "run_dir"))
     callbacks = []
     for i, spec in enumerate(config.callbacks):
         reg = registry.get("callbacks", spec.name, f"callbacks.{i}.name")
@@ -203,8 +204,11 @@ class Runner:
     def _build_executor(self) -> Executor:
         reg = self.plan.executor
         cfg = self.config.executor
+        extra: dict[str, Any] = {}
+        if "run_dir" in inspect.signature(reg.factory).parameters:  # where an executor writes what it shows
+            extra["run_dir"] = str(self.store.path)
         return build_from(reg, reg.factory, self.plan.recipe, workers=cfg.workers, devices=cfg.devices,
-                          **self.plan.executor_options)
+                          **extra, **self.plan.executor_options)
 
     def _build_stream(self) -> Any:
         provider = self.plan.objective.extras.get("stream")
