@@ -65,6 +65,35 @@ def threads_per_worker(workers: int) -> int:
     return max(1, available_cores() // max(1, workers))
 
 
+def resolve_threads(threads: int | str, workers: int, field: str) -> int | None:
+    """The thread count each of ``workers`` processes gets for an ``auto | N | inherit`` option
+    (None: inherit, leave the libraries' own defaults)."""
+    if threads == "inherit":
+        return None
+    if threads == "auto":
+        return threads_per_worker(workers)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ConfigError(field, f"expected a number of threads (1 or more), auto or inherit, got {threads!r}")
+    return threads
+
+
+def limit_threads(threads: int) -> None:
+    """Cap this process's numeric thread pools at ``threads``, even when the libraries are loaded
+    already (a forked worker inherits its parent's BLAS and torch): BLAS/OpenMP through
+    threadpoolctl, torch through its own setting, and the environment for what starts later."""
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ModuleNotFoundError:  # pragma: no cover - a dependency of the bench extra
+        pass
+    else:
+        threadpool_limits(limits=threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
 @contextlib.contextmanager
 def _thread_environment(threads: int | None, keep_set: bool) -> Iterator[None]:
     """The environment a worker starts with: the thread variables set to ``threads`` (those the
@@ -298,16 +327,11 @@ class ProcessExecutor(Executor):
                  retries: int = 2, threads: int | str = "auto") -> None:
         if retries < 0:
             raise ConfigError("executor.options.retries", f"must be 0 or more (got {retries})")
-        if threads not in ("auto", "inherit") and (not isinstance(threads, int) or isinstance(threads, bool)
-                                                   or threads < 1):
-            raise ConfigError("executor.options.threads", f"expected a number of threads (1 or more), auto or "
-                                                          f"inherit, got {threads!r}")
         check_devices(devices)
         if devices:
             workers = len(devices)
         self.recipe, self.workers, self.devices, self.retries = recipe, max(1, workers), devices, retries
-        self.threads = (threads_per_worker(self.workers) if threads == "auto"
-                        else None if threads == "inherit" else threads)
+        self.threads = resolve_threads(threads, self.workers, "executor.options.threads")
         self._keep_set = threads == "auto"
         self._workers: list[_Worker | None] = [None] * self.workers
         # at interpreter exit, before multiprocessing joins its children (an unclosed executor's

@@ -10,7 +10,8 @@ from .config import BenchConfig, dump_bench
 
 
 def run_bench(config: BenchConfig, bench_dir: str | Path, *, workers: int | None = None, progress: bool = True,
-              run: bool = True, report: bool = True, export: bool = True) -> dict[str, Any]:
+              run: bool = True, report: bool = True, export: bool = True,
+              threads: int | str | None = None) -> dict[str, Any]:
     """Run every unfinished cell (``run``), then write ``evaluations.csv.gz`` and the exports
     (``export``) and ``report.md`` with its PNGs (``report``). Returns what happened."""
     from .analysis import load_run
@@ -23,7 +24,8 @@ def run_bench(config: BenchConfig, bench_dir: str | Path, *, workers: int | None
     cells = build_cells(config, problems)
     bench_dir.mkdir(parents=True, exist_ok=True)
     (bench_dir / "bench.yaml").write_text(dump_bench(config), encoding="utf-8")
-    results = run_cells(cells, bench_dir, workers or config.workers, progress) if run else []
+    results = (run_cells(cells, bench_dir, workers or config.workers, progress,
+                         threads if threads is not None else config.threads) if run else [])
     failed = [r for r in results if r.status == "failed"]
     finished = [c for c in cells if (bench_dir / c.relpath / "best.json").exists()
                 and c.key not in {r.key for r in failed}]

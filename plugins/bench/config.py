@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -172,6 +172,9 @@ class BenchConfig(_Strict):
     sigma: float | None = Field(default=None, gt=0)
     popsize: int | None = Field(default=None, ge=1)
     workers: int | None = Field(default=None, ge=1)
+    threads: Annotated[int, Field(ge=1)] | Literal["auto", "inherit"] = Field(
+        default="auto", description="BLAS/OpenMP/torch threads of each parallel cell: auto (the cores "
+                                    "split between cells), a number, or inherit")
     plugins: list[str] = Field(default_factory=list, description="extra plugin modules to import")
 
     @field_validator("seeds", mode="before")

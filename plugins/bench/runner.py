@@ -3,7 +3,6 @@ process pool, skipping finished cells and resuming interrupted ones."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 import yaml
 
 from calibri.core.errors import UserError
+from calibri.core.executors import available_cores, limit_threads, resolve_threads
 
 from .cells import Cell
 
@@ -88,8 +88,12 @@ def run_cell(cell: Cell, bench_dir: str) -> CellResult:
 
 
 def run_cells(cells: list[Cell], bench_dir: str | Path, workers: int | None = None,
-              progress: bool = True) -> list[CellResult]:
-    """Run every cell not finished yet, ``workers`` at a time (default: the available cores)."""
+              progress: bool = True, threads: int | str = "auto") -> list[CellResult]:
+    """Run every cell not finished yet, ``workers`` at a time (default: the available cores).
+
+    Parallel cells split the cores' threads (``threads``: ``auto`` an equal share each, a number,
+    or ``inherit``): two cells each running BLAS and torch on every core are several times slower
+    than one thread each."""
     from tqdm.auto import tqdm
 
     bench_dir = Path(bench_dir)
@@ -111,7 +115,10 @@ def run_cells(cells: list[Cell], bench_dir: str | Path, workers: int | None = No
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
+            per_cell = resolve_threads(threads, workers, "threads")
+            limits = {} if per_cell is None else {"initializer": limit_threads, "initargs": (per_cell,)}
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
+                                     **limits) as pool:
                 futures = [pool.submit(run_cell, cell, str(bench_dir)) for cell in pending]
                 for future in as_completed(futures):
                     results.append(_tick(bar, future.result()))
@@ -130,8 +137,3 @@ def _tick(bar: Any, result: CellResult) -> CellResult:
     return result
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
