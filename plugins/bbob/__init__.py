@@ -1,11 +1,18 @@
-"""The BBOB noiseless suite (f1–f24) as a calibri objective, through IOHprofiler (``ioh``) or
-COCO (``coco-experiment``, imported as ``cocoex``).
+"""The BBOB suites as a calibri objective: the noiseless f1–f24 through IOHprofiler (``ioh``) or
+COCO (``coco-experiment``, imported as ``cocoex``), and the noisy f101–f130 through COCO's
+``bbob-noisy`` suite (``ioh`` has none).
 
 Both libraries implement the same function instances (they agree to ~1e-13 relative); ``ioh``
 allows any dimension (the calibration-sized 57, 76, 114 included), COCO's ``bbob`` suite only
 2, 3, 5, 10, 20 and 40. Each evaluation's value is the raw ``f(x)``; its metrics carry
 ``precision = f(x) - f_opt`` (``f_opt`` from ``ioh``, which knows it for both libraries), the
 quantity BBOB targets are set on.
+
+Noisy functions (f101–f130) follow COCO: the value is the measured, noisy ``f(x)``, and the
+precision is measured against the *noiseless* optimum ``f_opt`` (that of the noiseless function
+each noisy one is built on, which shares its optimum), so the same targets apply. COCO draws the
+noise from its own stream, restarted for every problem it builds: a run is reproducible, and
+every run of an instance sees the same noise sequence (as in COCO's own experiments).
 """
 from __future__ import annotations
 
@@ -24,6 +31,14 @@ COCO_DIMENSIONS = (2, 3, 5, 10, 20, 40)
 #: BBOB's search domain, [-5, 5]^d; the optimum lies in [-4, 4]^d.
 LOW, HIGH = -5.0, 5.0
 FIELD = "objective.options"
+#: The noiseless functions f1–f24 and the noisy f101–f130 (COCO's ``bbob-noisy``).
+NOISELESS = range(1, 25)
+NOISY = range(101, 131)
+#: The noiseless function whose optimum (x_opt and f_opt) each noisy function shares, by the noisy
+#: suite's blocks of three (Gaussian, uniform, Cauchy noise): sphere, Rosenbrock, sphere, Rosenbrock
+#: (moderate, then severe noise), step ellipsoid, ellipsoid, sum of different powers, Schaffer's F7,
+#: composite Griewank–Rosenbrock, Gallagher's 101 peaks.
+NOISY_BASE = {101: 1, 104: 8, 107: 1, 110: 8, 113: 7, 116: 10, 119: 14, 122: 17, 125: 19, 128: 21}
 
 Library = Literal["ioh", "coco"]
 Init = Literal["origin", "uniform"]
@@ -32,16 +47,56 @@ Init = Literal["origin", "uniform"]
 def check_bbob(function: int = 1, dimension: int = 10, instance: int = 1, library: Library = "ioh",
                init: Init = "origin", init_seed: int = 0) -> None:
     """Reject impossible options before anything is built (one-line errors naming the field)."""
-    if not 1 <= function <= 24:
-        raise ConfigError(f"{FIELD}.function", f"BBOB has functions 1 to 24, got {function}")
+    if function not in NOISELESS and function not in NOISY:
+        raise ConfigError(f"{FIELD}.function", f"BBOB has functions 1 to 24 (noiseless) and 101 to 130 (noisy), "
+                                               f"got {function}")
+    if function in NOISY:
+        check_noisy_library(library, f"{FIELD}.library")
     if dimension < 1 or (function in (10, 11, 12, 13, 14, 17, 18, 19, 20, 24) and dimension < 2):
         raise ConfigError(f"{FIELD}.dimension", f"must be at least {1 if dimension < 1 else 2}, got {dimension}")
-    if library == "coco" and dimension not in COCO_DIMENSIONS:
-        raise ConfigError(f"{FIELD}.dimension", f"COCO's bbob suite has dimensions "
-                                                f"{', '.join(map(str, COCO_DIMENSIONS))}, got {dimension} "
-                                                f"(library: ioh allows any)")
+    if (library == "coco" or function in NOISY) and dimension not in COCO_DIMENSIONS:
+        raise ConfigError(f"{FIELD}.dimension", f"COCO's {coco_suite_name(function)} suite has dimensions "
+                                                f"{', '.join(map(str, COCO_DIMENSIONS))}, got {dimension}"
+                                                + ("" if function in NOISY else " (library: ioh allows any)"))
     if not 1 <= instance <= 10**6:
         raise ConfigError(f"{FIELD}.instance", f"must be in 1..1000000, got {instance}")
+
+
+def is_noisy(function: int) -> bool:
+    return function in NOISY
+
+
+def noiseless_base(function: int) -> int:
+    """The noiseless function a noisy one shares its optimum with (itself for f1–f24)."""
+    return NOISY_BASE[function - (function - 101) % 3] if function in NOISY else function
+
+
+def check_noisy_library(library: str, field: str) -> None:
+    """BBOB-noisy needs COCO: a one-line error naming ``field`` for a library without it."""
+    if library != "coco":
+        raise ConfigError(field, f"the BBOB-noisy functions f101-f130 need library: coco ({library} has no "
+                                 f"noisy BBOB suite)")
+    try:
+        import cocoex
+    except ImportError:
+        raise ConfigError(field, "the BBOB-noisy functions need COCO: pip install coco-experiment") from None
+    if "bbob-noisy" not in getattr(cocoex, "known_suite_names", ()):
+        raise ConfigError(field, f"this cocoex ({getattr(cocoex, '__version__', '?')}) has no bbob-noisy suite; "
+                                 f"upgrade coco-experiment")
+
+
+def coco_suite_name(function: int) -> str:
+    return "bbob-noisy" if function in NOISY else "bbob"
+
+
+def coco_problem(function: int, dimension: int, instance: int) -> tuple[Any, Any]:
+    """A cocoex suite holding just this problem, and the problem (free it, then drop the suite)."""
+    import cocoex
+
+    index = function - 100 if function in NOISY else function  # bbob-noisy numbers its functions 1..30
+    suite = cocoex.Suite(coco_suite_name(function), "", f"function_indices:{index} dimensions:{dimension} "
+                                                         f"instance_indices:{instance}")
+    return suite, suite.get_problem_by_function_dimension_instance(function, dimension, instance)
 
 
 def initial_point(dimension: int, init: Init = "origin", init_seed: int = 0) -> np.ndarray:
@@ -68,12 +123,14 @@ def ioh_problem(function: int, dimension: int, instance: int) -> Any:
 
 
 def optimum_value(function: int, dimension: int, instance: int) -> float:
-    """f_opt of the instance (the same in ioh and COCO)."""
-    return float(ioh_problem(function, dimension, instance).optimum.y)
+    """f_opt of the instance (the same in ioh and COCO); for a noisy function, the noiseless optimum
+    of the function it is built on, the value COCO measures its precision against."""
+    return float(ioh_problem(noiseless_base(function), dimension, instance).optimum.y)
 
 
 class BBOBObjective(Objective):
-    """A BBOB noiseless function f1–f24 (minimise; metrics: ``precision`` = f − f_opt)."""
+    """A BBOB function, noiseless f1–f24 or noisy f101–f130 (minimise; metrics: ``precision`` =
+    f − f_opt, against the noiseless optimum for the noisy ones)."""
 
     direction = "minimize"
 
@@ -86,11 +143,7 @@ class BBOBObjective(Objective):
             self._problem = ioh_problem(function, dimension, instance)
             self._suite = None
         else:
-            import cocoex
-
-            self._suite = cocoex.Suite("bbob", "", f"function_indices:{function} dimensions:{dimension} "
-                                                   f"instance_indices:{instance}")
-            self._problem = self._suite.get_problem_by_function_dimension_instance(function, dimension, instance)
+            self._suite, self._problem = coco_problem(function, dimension, instance)
 
     def f(self, x: np.ndarray) -> float:
         """The raw function value at one point (a vector of length ``dimension``)."""

@@ -1,6 +1,7 @@
 """``calibri bench``: optimisers × problems × budgets × seeds, run as ordinary calibri runs (in
 parallel, resumable) and reported with the field's views (runtime ECDFs over BBOB targets,
-fixed-budget convergence, rankings with paired Wilcoxon + Holm, win rates, overhead).
+fixed-budget convergence, ERT and success rates per target, ECDFs per BBOB function group,
+rankings with paired sign tests + Holm, win rates, overhead).
 
 Modules: :mod:`.config` (the YAML), :mod:`.cells` (the matrix), :mod:`.runner` (the process
 pool), :mod:`.analysis` (the numbers), :mod:`.export` (CSV, IOHprofiler, COCO), :mod:`.report`

@@ -1,11 +1,15 @@
 """The numbers behind the report: per-run best-so-far curves, runtime ECDFs over (problem, target)
-pairs, fixed-budget rankings with paired Wilcoxon tests and Holm's correction, win rates,
-and wall-clock / optimiser overhead per evaluation."""
+pairs (all functions and per BBOB group), expected running times and success rates per function,
+fixed-budget rankings with paired sign tests and Holm's correction, win rates, and wall-clock /
+optimiser overhead per evaluation.
+
+Repetitions follow COCO: a function's runs are all its instances × seeds. Whatever is pooled
+across functions is pooled by ranks (mean ranks, wins, sign tests, win rates), never by raw
+precision, whose scale differs from function to function."""
 from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +23,30 @@ from .cells import Cell, Problem
 STANDARD_TARGETS = 10.0 ** np.linspace(2, -8, 51)
 #: Precision below the last target counts as solved: rankings and tests treat such values as ties.
 FINAL_TARGET = 1e-8
+#: The targets of the per-function ERT tables in report.md (ert.csv has all 51).
+ERT_TARGETS = (1e1, 1e-1, 1e-3, 1e-5, 1e-8)
+#: The level the report's tests are read at.
+ALPHA = 0.05
+#: BBOB's function groups: (key, description, functions). The five noiseless groups partition
+#: f1–f24 by their properties; the three noisy ones partition f101–f130 by noise strength.
+GROUPS: tuple[tuple[str, str, range], ...] = (
+    ("separable", "separable (f1–f5)", range(1, 6)),
+    ("moderate", "low or moderate conditioning (f6–f9)", range(6, 10)),
+    ("ill-conditioned", "high conditioning, unimodal (f10–f14)", range(10, 15)),
+    ("multimodal", "multimodal, adequate global structure (f15–f19)", range(15, 20)),
+    ("weakstructure", "multimodal, weak global structure (f20–f24)", range(20, 25)),
+    ("noisy-moderate", "moderate noise (f101–f106)", range(101, 107)),
+    ("noisy-severe", "severe noise (f107–f121)", range(107, 122)),
+    ("noisy-multimodal", "severe noise, multimodal (f122–f130)", range(122, 131)),
+)
+
+
+def function_group(function: int | None) -> str | None:
+    """The key of the BBOB group ``function`` belongs to (``None`` for other problems)."""
+    for key, _, members in GROUPS:
+        if function is not None and function in members:
+            return key
+    return None
 
 
 @dataclass
@@ -143,6 +171,78 @@ def fraction_of_targets(curves: Sequence[np.ndarray], targets: Sequence[float] =
     return float(np.mean(np.concatenate(reached))) if reached else 0.0
 
 
+def expected_running_time(curves: Sequence[np.ndarray], targets: Sequence[float]
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per target, over runs given as best-so-far curves (each as long as its budget): the ERT,
+    the successes and the evaluations spent. A run spends its runtime when it reaches the target
+    and its whole budget when not; ERT = evaluations spent / successes (∞ without a success)."""
+    spent = np.zeros(len(targets))
+    successes = np.zeros(len(targets), dtype=int)
+    for curve in curves:
+        times = runtimes(curve, targets)
+        hit = np.isfinite(times)
+        spent += np.where(hit, times, len(curve))
+        successes += hit
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ert = np.where(successes > 0, spent / np.maximum(successes, 1), np.inf)
+    return ert, successes, spent
+
+
+def runs_by_function(runs: Sequence[RunData]) -> dict[str, list[RunData]]:
+    """Runs with a known precision grouped by function: a function's repetitions are its
+    instances × seeds (``Problem.function_label``), in order of appearance."""
+    out: dict[str, list[RunData]] = {}
+    for run in runs:
+        if run.has_precision:
+            out.setdefault(run.problem.function_label, []).append(run)
+    return out
+
+
+def ert_rows(runs: Sequence[RunData], max_evaluations: int,
+             targets: Sequence[float] = STANDARD_TARGETS) -> list[dict[str, Any]]:
+    """One row per (function, optimiser, target): runs (instances × seeds), successes, success
+    rate, evaluations spent and ERT, each run cut at ``max_evaluations``."""
+    rows = []
+    for label, items in runs_by_function(runs).items():
+        by_optimizer: dict[str, list[RunData]] = {}
+        for run in items:
+            by_optimizer.setdefault(run.optimizer, []).append(run)
+        for optimizer, group in by_optimizer.items():
+            curves = [run.best[:max_evaluations] for run in group]
+            ert, successes, spent = expected_running_time(curves, targets)
+            problem = group[0].problem
+            for t, target in enumerate(targets):
+                rows.append({"dimension": problem.dimension, "function": label,
+                             "group": function_group(problem.function) or "", "optimizer": optimizer,
+                             "target": float(target), "runs": len(group), "successes": int(successes[t]),
+                             "success_rate": float(successes[t] / len(group)), "evaluations": float(spent[t]),
+                             "ert": float(ert[t])})
+    return rows
+
+
+def final_precision(runs: Sequence[RunData], budget: int) -> dict[tuple[str, str], float]:
+    """Median best-so-far precision at ``budget`` over each (function, optimiser)'s repetitions:
+    a per-function number, never pooled across functions."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for label, items in runs_by_function(runs).items():
+        for run in items:
+            values.setdefault((label, run.optimizer), []).append(run.at(budget))
+    return {key: float(np.median(v)) for key, v in values.items()}
+
+
+def repetitions(runs: Sequence[RunData]) -> dict[str, Any]:
+    """How the runs repeat: functions, instances, seeds, and runs per (function, optimiser)."""
+    counts: dict[tuple[str, str], int] = {}
+    for run in runs:
+        counts[(run.problem.function_label, run.optimizer)] = counts.get((run.problem.function_label,
+                                                                           run.optimizer), 0) + 1
+    per_function = sorted(set(counts.values()))
+    return {"functions": len({run.problem.function_label for run in runs}),
+            "instances": sorted({run.problem.instance for run in runs if run.problem.instance is not None}),
+            "seeds": sorted({run.seed for run in runs}),
+            "runs_per_function": per_function[0] if len(per_function) == 1 else per_function or 0}
+
+
 # -- statistics -----------------------------------------------------------------------------
 def holm(p_values: Sequence[float]) -> np.ndarray:
     """Holm–Bonferroni adjusted p-values (step-down, monotone, capped at 1), in input order."""
@@ -182,10 +282,36 @@ def block_matrix(runs: Sequence[RunData], budget_of: Any, optimizers: Sequence[s
     return blocks, values, raw
 
 
-def ranking(values: np.ndarray, raw: np.ndarray, optimizers: Sequence[str]) -> list[dict[str, Any]]:
-    """Mean rank (1 = best; ties share), median value, wins (best or tied best in a block), and
-    a paired Wilcoxon signed-rank test of each optimiser against the best-ranked one, Holm-corrected."""
-    from scipy.stats import rankdata, wilcoxon
+def sign_test(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
+    """Two-sided exact sign test of paired values (lower is better): the p-value and the number
+    of untied pairs it rests on. Only which of a pair is better counts, so blocks of different
+    functions pool without their precisions' scales mixing; ties (NaN included) are dropped."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    better, worse = int(np.sum(a < b)), int(np.sum(a > b))
+    n = better + worse
+    if n == 0:
+        return 1.0, 0
+    tail = sum(math.comb(n, i) for i in range(min(better, worse) + 1))
+    return min(1.0, 2.0 * tail / 2.0 ** n), n
+
+
+def smallest_p(blocks: int) -> float:
+    """The smallest two-sided p a sign test (or an exact Wilcoxon signed-rank test) can give on
+    ``blocks`` untied pairs: all of one sign, 2 · 2^-n. With 3 blocks it is 0.25."""
+    return 1.0 if blocks < 1 else min(1.0, 2.0 ** (1 - blocks))
+
+
+def blocks_needed(comparisons: int, alpha: float = ALPHA) -> int:
+    """The fewest untied blocks with which ``comparisons`` Holm-corrected sign tests can reach ``alpha``."""
+    return 1 + math.ceil(math.log2(max(comparisons, 1) / alpha))
+
+
+def ranking(values: np.ndarray, optimizers: Sequence[str], alpha: float = ALPHA) -> list[dict[str, Any]]:
+    """Mean rank (1 = best; ties share), wins (best or tied best in a block), and a paired sign
+    test of each optimiser against the best-ranked one, Holm-corrected. Each row says whether its
+    test could reach ``alpha`` at all with its untied blocks (``reachable``; the Holm-corrected
+    p is at least the number of comparisons times the smallest achievable p)."""
+    from scipy.stats import rankdata
 
     if values.size == 0:
         return []
@@ -193,29 +319,35 @@ def ranking(values: np.ndarray, raw: np.ndarray, optimizers: Sequence[str]) -> l
     mean_rank = ranks.mean(axis=0)
     best = int(np.argmin(mean_rank))
     wins = (values == values.min(axis=1, keepdims=True)).sum(axis=0)
-    p_raw = []
     others = [j for j in range(len(optimizers)) if j != best]
-    for j in others:
-        diff = values[:, j] - values[:, best]
-        finite = np.isfinite(diff)
-        diff = diff[finite]
-        if diff.size == 0 or np.all(diff == 0):
-            p_raw.append(1.0)
-            continue
-        try:
-            with warnings.catch_warnings():  # small samples: scipy warns about its approximation
-                warnings.simplefilter("ignore")
-                p_raw.append(float(wilcoxon(diff, zero_method="wilcox").pvalue))
-        except ValueError:
-            p_raw.append(1.0)
-    adjusted = dict(zip(others, holm(p_raw))) if others else {}
-    raw_p = dict(zip(others, p_raw))
+    tests = {j: sign_test(values[:, j], values[:, best]) for j in others}
+    adjusted = dict(zip(others, holm([tests[j][0] for j in others]))) if others else {}
+    floor = len(others) * smallest_p(max((n for _, n in tests.values()), default=0))
     rows = []
     for j, name in enumerate(optimizers):
-        rows.append({"optimizer": name, "mean_rank": float(mean_rank[j]), "median": float(np.median(raw[:, j])),
-                     "wins": int(wins[j]), "blocks": int(values.shape[0]),
-                     "p_value": raw_p.get(j), "p_holm": adjusted.get(j), "reference": j == best})
+        p, untied = tests.get(j, (None, None))
+        row = {"optimizer": name, "mean_rank": float(mean_rank[j]), "wins": int(wins[j]),
+               "blocks": int(values.shape[0]), "reference": j == best, "p_value": p, "p_holm": adjusted.get(j),
+               "untied": untied, "smallest_p": None if untied is None else smallest_p(untied)}
+        row["reachable"] = None if untied is None else bool(smallest_p(untied) <= alpha and floor <= alpha)
+        rows.append(row)
     return sorted(rows, key=lambda row: row["mean_rank"])
+
+
+def significance_note(blocks: int, comparisons: int, alpha: float = ALPHA) -> str | None:
+    """A sentence saying why no test of a ranking table can reach ``alpha`` with ``blocks``
+    blocks, or ``None`` when they can."""
+    if comparisons < 1:
+        return None
+    floor = smallest_p(blocks)
+    if comparisons * floor <= alpha:
+        return None
+    holm_part = (f" ({comparisons} × that = {min(1.0, comparisons * floor):.3g} after Holm's correction over "
+                 f"{comparisons} comparisons)" if comparisons > 1 else "")
+    return (f"Too few blocks for a test: with {blocks} block{'s' if blocks != 1 else ''} the smallest two-sided "
+            f"p-value the sign test can give is 2^(1−{blocks}) = {floor:.3g}{holm_part}, above α = {alpha:g}, so "
+            f"no difference here can be significant and no p-value is shown; at least "
+            f"{blocks_needed(comparisons, alpha)} untied blocks (more instances or seeds) are needed.")
 
 
 def win_rates(values: np.ndarray) -> np.ndarray:
@@ -249,8 +381,8 @@ def overhead(runs: Sequence[RunData]) -> list[dict[str, Any]]:
 
 
 def convergence(runs: Sequence[RunData], max_evaluations: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per optimiser on one problem: the 25th, 50th and 75th percentiles over seeds of best-so-far
-    against evaluations 1..max."""
+    """Per optimiser on one function: the 25th, 50th and 75th percentiles over its repetitions
+    (instances × seeds) of best-so-far against evaluations 1..max."""
     by_optimizer: dict[str, list[np.ndarray]] = {}
     for run in runs:
         curve = run.best[:max_evaluations]

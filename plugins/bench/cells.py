@@ -32,6 +32,16 @@ class Problem:
     def is_bbob(self) -> bool:
         return self.function is not None
 
+    @property
+    def function_label(self) -> str:
+        """The function this problem is a repetition of. A BBOB block's instances are repetitions of
+        one function (COCO's convention), so ``f3-d10-i1`` … ``f3-d10-i15`` all give ``f3-d10``;
+        any other problem is its own function."""
+        if self.is_bbob and self.instance is not None and \
+                self.label == bbob_label(self.function, self.dimension, self.instance):
+            return f"f{self.function}-d{self.dimension}"
+        return self.label
+
 
 @dataclass(frozen=True)
 class Cell:

@@ -59,8 +59,8 @@ class BBOBSet(_Strict):
     @field_validator("functions")
     @classmethod
     def _functions(cls, value: list[int]) -> list[int]:
-        if not value or value[0] < 1 or value[-1] > 24:
-            raise ValueError("BBOB has functions 1 to 24")
+        if not value or any(not (1 <= f <= 24 or 101 <= f <= 130) for f in value):
+            raise ValueError("BBOB has functions 1 to 24 (noiseless) and 101 to 130 (noisy)")
         return value
 
     @field_validator("dimensions", "instances")
@@ -74,11 +74,21 @@ class BBOBSet(_Strict):
     def _coco_dimensions(self) -> "BBOBSet":
         from calibri.plugins.bbob import COCO_DIMENSIONS
 
-        if self.library == "coco":
+        from calibri.core.errors import ConfigError
+        from calibri.plugins.bbob import check_noisy_library
+
+        noisy = any(f > 100 for f in self.functions)
+        if noisy:
+            try:
+                check_noisy_library(self.library, "library")
+            except ConfigError as exc:
+                raise ValueError(f"library: {exc.message}") from None
+        if self.library == "coco" or noisy:
             bad = [d for d in self.dimensions if d not in COCO_DIMENSIONS]
             if bad:
-                raise ValueError(f"COCO's bbob suite has dimensions {', '.join(map(str, COCO_DIMENSIONS))}, "
-                                 f"not {bad[0]} (library: ioh allows any)")
+                raise ValueError(f"COCO's {'bbob-noisy' if noisy else 'bbob'} suite has dimensions "
+                                 f"{', '.join(map(str, COCO_DIMENSIONS))}, not {bad[0]}"
+                                 + ("" if noisy else " (library: ioh allows any)"))
         return self
 
 

@@ -51,18 +51,27 @@ def _num(value: Any) -> str:
 
 
 # -- IOHprofiler / IOHanalyzer ----------------------------------------------------------------
+#: IOHprofiler function ids of problems other than BBOB's (past the noisy f101–f130).
+FIRST_OTHER_ID = 201
+
+
 def write_iohprofiler(runs: Sequence[RunData], root: Path) -> Path:
     """IOHprofiler's JSON + .dat format, one folder per optimiser (zip it, or point IOHanalyzer at
-    it). BBOB problems keep their function ids; other problems get ids from 101 on. ``raw_y`` is
-    the precision (the loss where f_opt is unknown); each run logs its improvements."""
+    it). BBOB problems keep their function ids (f101–f130 the noisy ones); other problems get ids
+    from 201 on. A function's runs are its instances × seeds. ``raw_y`` is the precision (the loss
+    where f_opt is unknown); each run logs its improvements."""
     if root.exists():
         shutil.rmtree(root)
     ids: dict[str, tuple[int, str]] = {}
+    others = 0
     for run in runs:
         p = run.problem
         if p.label not in ids:
-            ids[p.label] = (p.function, _bbob_name(p.function)) if p.function is not None else \
-                (101 + sum(1 for v in ids.values() if v[0] > 100), safe(p.label))
+            if p.function is not None:
+                ids[p.label] = (p.function, _bbob_name(p.function))
+            else:
+                ids[p.label] = (FIRST_OTHER_ID + others, safe(p.label))
+                others += 1
     grouped: dict[tuple[str, int, str], dict[int, list[RunData]]] = {}
     for run in runs:
         fid, fname = ids[run.problem.label]
@@ -86,7 +95,8 @@ def write_iohprofiler(runs: Sequence[RunData], root: Path) -> Path:
                                   "best": {"evals": best_eval, "y": float(last) if np.isfinite(last) else None}})
             (folder / rel).write_text("".join(lines), encoding="utf-8")
             scenarios.append({"dimension": dimension, "path": rel, "runs": runs_json})
-        info = {"version": "0.3.5", "suite": "BBOB" if fid <= 24 else "calibri", "function_id": fid,
+        suite = "BBOB" if fid <= 24 else "BBOB-noisy" if fid < FIRST_OTHER_ID else "calibri"
+        info = {"version": "0.3.5", "suite": suite, "function_id": fid,
                 "function_name": fname, "maximization": False,
                 "algorithm": {"name": optimizer, "info": "calibri bench"},
                 "attributes": ["evaluations", "raw_y"], "scenarios": scenarios}
@@ -95,6 +105,8 @@ def write_iohprofiler(runs: Sequence[RunData], root: Path) -> Path:
 
 
 def _bbob_name(function: int) -> str:
+    if function > 100:  # ioh has no noisy BBOB functions to name them
+        return f"bbob_noisy_f{function}"
     try:
         import ioh
 
@@ -107,12 +119,14 @@ def _bbob_name(function: int) -> str:
 def write_coco(runs: Sequence[RunData], cells: Sequence[Cell], bench_dir: Path, root: Path) -> Path | None:
     """COCO's bbob logger output (``.info``/``.dat``/``.tdat``, what cocopp reads), one folder per
     optimiser, made by replaying every evaluation of the BBOB cells in COCO's dimensions through
-    ``cocoex``'s observer. Returns ``None`` when there is nothing to export or cocoex is missing."""
+    ``cocoex``'s observer. Noisy cells (f101–f130) replay through COCO's ``bbob-noisy`` suite,
+    whose logger records the noise-free value of each evaluated point (COCO's measure for noisy
+    functions). Returns ``None`` when there is nothing to export or cocoex is missing."""
     try:
         import cocoex
     except ImportError:
         return None
-    from calibri.plugins.bbob import COCO_DIMENSIONS
+    from calibri.plugins.bbob import COCO_DIMENSIONS, coco_problem
 
     from .analysis import cell_records
 
@@ -135,15 +149,14 @@ def write_coco(runs: Sequence[RunData], cells: Sequence[Cell], bench_dir: Path, 
             items = sorted(items, key=lambda c: (c.problem.function, c.problem.dimension, c.problem.instance, c.seed))
             for cell in items:
                 p = cell.problem
-                suite = cocoex.Suite("bbob", "", f"function_indices:{p.function} dimensions:{p.dimension} "
-                                                 f"instance_indices:{p.instance}")
-                problem = suite.get_problem_by_function_dimension_instance(p.function, p.dimension, p.instance)
+                suite, problem = coco_problem(p.function, p.dimension, p.instance)
                 problem.observe_with(observer)
                 records, _ = cell_records(cell, bench_dir)
                 names = [f"x[{i}]" for i in range(p.dimension)]
                 for record in records:
                     problem(np.array([record["params"][n] for n in names], dtype=np.float64))
                 problem.free()
+                del suite
             del observer
     finally:
         os.chdir(cwd)
