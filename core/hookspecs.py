@@ -61,5 +61,14 @@ def calibri_register_callbacks(register):
 
 
 @hookspec
+def calibri_register_prompt_sources(register):
+    """Register prompt-set sources: ``register(scheme, loader, *, description="")``.
+
+    A prompt spec ``SCHEME:REST`` (``prompts:``, ``validation_prompts:``, ``--prompts``) is loaded
+    by ``loader(rest, field)``, which returns a :class:`calibri.plugins.dit.prompts.PromptSet`
+    and raises :class:`calibri.core.errors.ConfigError` on ``field`` for bad input."""
+
+
+@hookspec
 def calibri_register_commands(register):
     """Register CLI commands: ``register(command)`` with a :class:`click.Command`."""

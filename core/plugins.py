@@ -33,6 +33,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "calibri.plugins.analytic",
     "calibri.plugins.dit.plugin",
     "calibri.plugins.toy.plugin",
+    "calibri.plugins.flow_grpo.plugin",
     "calibri.plugins.bbob",
     "calibri.plugins.bench",
     "calibri.rewards.offline",
@@ -46,7 +47,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 
 #: Registry kinds, one per ``calibri_register_<kind>`` hook.
 KINDS: tuple[str, ...] = (
-    "optimizers", "objectives", "spaces", "executors", "rewards", "architectures", "callbacks", "commands",
+    "optimizers", "objectives", "spaces", "executors", "rewards", "architectures", "callbacks", "prompt_sources",
+    "commands",
 )
 
 _SINGULAR = {kind: kind[:-1] for kind in KINDS}

@@ -33,6 +33,7 @@ REGISTERED: dict[str, list[str]] = {
     "rewards": ["fixture.reward"],
     "architectures": ["fixture.architecture"],
     "callbacks": ["fixture.callback"],
+    "prompt_sources": ["fixture.prompts"],
     "commands": ["fixture-hello"],
 }
 
@@ -192,6 +193,18 @@ class FixtureCallback:
         EVENTS.append(("callback", ("end", self.label, summary["rounds"])))
 
 
+# -- prompt sources ----------------------------------------------------------------------------
+def fixture_prompt_source(rest: str, field: str) -> Any:
+    """``fixture.prompts:N``: N prompts ``fixture prompt i``, each with metadata ``{"index": i}``."""
+    from calibri.plugins.dit.prompts import PromptSet
+
+    if not rest.isdigit():
+        raise ValueError(f"expected a count, got {rest!r}")
+    count = int(rest)
+    return PromptSet(tuple(f"fixture prompt {i}" for i in range(count)), tuple({"index": i} for i in range(count)),
+                     f"fixture.prompts:{rest}")
+
+
 # -- commands ----------------------------------------------------------------------------------
 @click.command("fixture-hello")
 @click.argument("name", default="world")
@@ -235,6 +248,11 @@ def calibri_register_architectures(register):
 @hookimpl
 def calibri_register_callbacks(register):
     register("fixture.callback", FixtureCallback)
+
+
+@hookimpl
+def calibri_register_prompt_sources(register):
+    register("fixture.prompts", fixture_prompt_source)
 
 
 @hookimpl

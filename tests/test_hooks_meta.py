@@ -274,10 +274,25 @@ def _check_architecture(registration):
         assert torch.equal(model(**inputs)[0], reference)
 
 
+def _check_prompt_source(registration):
+    """The documented loader reads a file in the working directory; a missing one is a ConfigError."""
+    from calibri.core.errors import ConfigError
+    from calibri.plugins.dit.prompts import PromptSet
+
+    Path("prompts.csv").write_text("prompt,style\na red kite,photo\na blue boat,sketch\n", encoding="utf-8")
+    prompts = registration.factory("prompts.csv", "objective.options.prompts")
+    assert isinstance(prompts, PromptSet)
+    assert prompts.prompts == ("a red kite", "a blue boat")
+    assert [dict(m) for m in prompts.metadata] == [{"style": "photo"}, {"style": "sketch"}]
+    with pytest.raises(ConfigError) as caught:
+        registration.factory("missing.csv", "objective.options.prompts")
+    assert caught.value.field == "objective.options.prompts"
+
+
 DOC_EXAMPLE_CHECKS = {
     "optimizers": _check_optimizer, "objectives": _check_objective, "spaces": _check_space,
     "executors": _check_executor, "rewards": _check_reward, "architectures": _check_architecture,
-    "callbacks": _check_callback, "commands": _check_command,
+    "callbacks": _check_callback, "prompt_sources": _check_prompt_source, "commands": _check_command,
 }
 
 
@@ -352,6 +367,30 @@ def test_callbacks_hook(registry):
     callback = registration.factory(label="x")
     callback.on_round_end(RoundRecord(3, 12, 0, 1.0, 0.5, 0.1))
     assert plugin_fixtures.EVENTS == [("callback", ("round", "x", 3))]
+
+
+@exercises("calibri_register_prompt_sources")
+def test_prompt_sources_hook(registry, tmp_path, monkeypatch):
+    """A registered scheme loads through load_prompts; files win over schemes; errors name the field."""
+    from calibri.core.errors import ConfigError
+    from calibri.plugins.dit.prompts import load_prompts
+
+    (registration,) = _registered(registry, "prompt_sources")
+    assert registration.factory is plugin_fixtures.fixture_prompt_source
+    field = "objective.options.prompts"
+    prompts = load_prompts("fixture.prompts:3", field)
+    assert prompts.prompts == ("fixture prompt 0", "fixture prompt 1", "fixture prompt 2")
+    assert [dict(m) for m in prompts.metadata] == [{"index": 0}, {"index": 1}, {"index": 2}]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fixture.prompts:3").write_text("a file wins\n", encoding="utf-8")
+    assert load_prompts("fixture.prompts:3", field).prompts == ("a file wins",)
+    for spec, message in (("fixture.prompts:x", "ValueError: expected a count"),
+                          ("fixture.prompts:0", "holds no prompts"),
+                          ("unknown.scheme:3", "no such prompt file")):
+        with pytest.raises(ConfigError) as caught:
+            load_prompts(spec, field)
+        assert caught.value.field == field and message in caught.value.message, caught.value.message
+        assert "\n" not in str(caught.value)
 
 
 @exercises("calibri_register_commands")

@@ -12,7 +12,9 @@ Format (``"format": "calibri.calibration"``, ``"version": 1``)::
       "calibrated_for": {"steps": [2, 4], "steps_combine": "mean",   # optional (see below)
                          "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
                                        "use_dynamic_shifting": false},
-                         "guidance_scale": 2.0, "height": 512, "width": 512}
+                         "guidance_scale": 2.0, "height": 512, "width": 512,
+                         "lora": {"path": "/abs/checkpoint-300/lora", "sha256": "...",  # only on a LoRA
+                                  "rank": 32, "alpha": 64}}
     }
 
 ``values`` uses the calibration's parameter names (``c<m>.<site>`` per copy in an ensemble,
@@ -25,7 +27,9 @@ settings warns, one line saying which: :func:`apply_calibration` checks the pipe
 at once and the step count (and guidance, where the pipeline keeps it) each time the pipeline
 samples; ``calibri evaluate`` and ``calibri bake`` check what they are given. The field is
 optional within version 1: files written before it load as before, their settings unknown and
-nothing checked.
+nothing checked. Its ``lora`` records a Flow-GRPO LoRA merged into the transformer before the
+calibration was made (``objective.options.lora``): the values hold only on top of it, so applying
+the file to a transformer without that LoRA merged (or with another) warns.
 """
 from __future__ import annotations
 
@@ -173,6 +177,13 @@ def _check_settings(settings: Any, fail: Callable[[str], None]) -> None:
         value = settings.get(key)
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             fail(f"calibrated_for.{key} must be a positive number of pixels or null, got {value!r}")
+    lora = settings.get("lora")
+    if lora is not None:
+        if not isinstance(lora, dict) or not isinstance(lora.get("path"), str) or not lora["path"]:
+            fail("calibrated_for.lora must be a mapping with the LoRA's path")
+        sha = lora.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            fail(f"calibrated_for.lora.sha256 must be a sha256 in hex, got {sha!r}")
 
 
 # -- the recorded settings against those of use --------------------------------------------------
@@ -195,6 +206,8 @@ def describe_settings(settings: Mapping[str, Any] | None) -> str:
                      + (" (dynamic shifting)" if scheduler.get("use_dynamic_shifting") else ""))
     if settings.get("height") and settings.get("width"):
         parts.append(f"{settings['height']}×{settings['width']}")
+    if isinstance(settings.get("lora"), Mapping):
+        parts.append(f"on the LoRA {settings['lora'].get('path')}")
     return ", ".join(parts) or "unknown"
 
 
@@ -250,13 +263,15 @@ def warn_off_settings(path: str | Path, found: Sequence[str], stacklevel: int = 
                       stacklevel=stacklevel + 1)
 
 
-def apply_calibration(pipe_or_transformer: Any, path: str | Path) -> Calibrator:
+def apply_calibration(pipe_or_transformer: Any, path: str | Path, *, check_lora: bool = True) -> Calibrator:
     """Attach the calibration in ``path`` to a pipeline's transformer (or a transformer).
 
     Given a pipeline and a file that records its settings, it warns (one line) when the
     pipeline's scheduler is not the one calibrated with, and, each time the pipeline samples, when
     it samples with a step count (or a guidance scale, where the pipeline keeps it) the
-    calibration was not made for."""
+    calibration was not made for. It warns too when the file was made on top of a LoRA the
+    transformer does not have merged (``load_flowgrpo_lora``), or the transformer has one merged
+    the file was not made on; ``check_lora=False`` is for baking onto the base model on purpose."""
     document = load_calibration(path)
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     try:
@@ -265,6 +280,8 @@ def apply_calibration(pipe_or_transformer: Any, path: str | Path) -> Calibrator:
     except ValueError as exc:
         raise CalibrationMismatch(f"{path}: {exc}") from None
     check_fits(calibrator, document, path)
+    if check_lora:
+        warn_lora_mismatch(path, document, transformer)
     calibrator.attach()
     calibrator.set_values({k: float(v) for k, v in document["values"].items()})
     settings = document.get("calibrated_for")
@@ -273,6 +290,32 @@ def apply_calibration(pipe_or_transformer: Any, path: str | Path) -> Calibrator:
         warn_off_settings(path, off_settings(settings, scheduler=scheduler_settings(scheduler)))
         calibrator.watch = SamplingWatch(pipe_or_transformer, settings, path)
     return calibrator
+
+
+def lora_mismatch(document: Mapping[str, Any], transformer: Any) -> str | None:
+    """In words, how the LoRA merged into ``transformer`` differs from the one the calibration
+    was made on (None: the same one — same weights, by sha256 — or neither has one)."""
+    from calibri.plugins.flow_grpo.lora import merged_lora
+
+    recorded = (document.get("calibrated_for") or {}).get("lora")
+    merged = merged_lora(transformer)
+    if recorded is None and merged is None:
+        return None
+    if recorded is None:
+        return f"it was made without a LoRA, and this transformer has {merged['path']} merged"
+    if merged is None:
+        return (f"it was made on top of the LoRA {recorded['path']}, which this transformer does not have merged "
+                f"(merge it first: calibri.plugins.flow_grpo.lora.load_flowgrpo_lora)")
+    if merged.get("sha256") != recorded.get("sha256"):
+        return (f"it was made on top of the LoRA {recorded['path']}; this transformer has other LoRA weights "
+                f"merged ({merged['path']})")
+    return None
+
+
+def warn_lora_mismatch(path: str | Path, document: Mapping[str, Any], transformer: Any) -> None:
+    found = lora_mismatch(document, transformer)
+    if found:
+        warnings.warn(f"calibri: {path}: {found}; its values do not hold here", RuntimeWarning, stacklevel=3)
 
 
 class SamplingWatch:

@@ -73,8 +73,8 @@ def bake_command(model_dir: str, calibration: str, output: str, overwrite: bool)
     """
     from calibri.core.errors import UserError
 
-    from .calibration_file import apply_calibration, describe_settings, load_calibration, off_settings, warn_off_settings
-    from .models import load_model_config, load_transformer
+    from .calibration_file import describe_settings, load_calibration, off_settings, warn_off_settings
+    from .models import load_model_config
 
     folder = Path(model_dir)
     if (folder / "transformer" / "config.json").exists():
@@ -85,10 +85,9 @@ def bake_command(model_dir: str, calibration: str, output: str, overwrite: bool)
         raise UserError(f"{model_dir}: not a transformer or pipeline folder (no config.json or transformer/config.json)")
     config = load_model_config(folder)
     document = load_calibration(calibration)
-    copies, buckets = document["copies"], document.get("time_buckets", 1)
-    if copies != 1 or buckets != 1:
-        kind = f"an ensemble of {copies} copies" if copies != 1 else f"timestep-dependent ({buckets} time buckets)"
-        raise UserError(f"{calibration}: {kind}: such a calibration cannot be baked into one set of weights; "
+    why = unbakeable(document)
+    if why is not None:
+        raise UserError(f"{calibration}: {why}: such a calibration cannot be baked into one set of weights; "
                         f"apply it at run time with apply_calibration")
     out = Path(output)
     _check_output(out, overwrite, [folder, Path(model_dir), Path(calibration)])
@@ -96,13 +95,38 @@ def bake_command(model_dir: str, calibration: str, output: str, overwrite: bool)
     pipeline_scheduler = _saved_scheduler(Path(model_dir))
     if settings and pipeline_scheduler is not None:
         warn_off_settings(calibration, off_settings(settings, scheduler=pipeline_scheduler))
-    model = load_transformer(folder, config)
-    calibrator = apply_calibration(model, calibration)
+    model, calibrator = baked_transformer(folder, config, calibration)
+    _write_folder(out, model.save_pretrained)
+    lora = (settings or {}).get("lora")
+    click.echo(f"baked {len(calibrator.sites)} sites into {output}"
+               + (f"; sample it as it was calibrated: {describe_settings(settings)}" if settings else "")
+               + (f"; it was calibrated on top of the LoRA {lora['path']}: load that LoRA onto the baked model "
+                  f"(calibri flowgrpo export writes both)" if lora else ""))
+
+
+def unbakeable(document: Mapping[str, Any]) -> str | None:
+    """Why a calibration cannot be folded into one set of weights (None: it can): an ensemble
+    (several copies mixed by ω) or a timestep-dependent one (several time buckets)."""
+    copies, buckets = document["copies"], document.get("time_buckets", 1)
+    if copies != 1:
+        return f"an ensemble of {copies} copies"
+    if buckets != 1:
+        return f"timestep-dependent ({buckets} time buckets)"
+    return None
+
+
+def baked_transformer(folder: Path, config: dict[str, Any], calibration: str | Path, dtype: Any = None) -> tuple[Any, Any]:
+    """``(model, calibrator)``: the transformer saved in ``folder`` with ``calibration`` folded
+    into its weights and no hooks left — a plain model to save. The base model is baked as it
+    is: a LoRA the calibration was made on top of is not merged (the caller saves it beside)."""
+    from .calibration_file import apply_calibration
+    from .models import load_transformer
+
+    model = load_transformer(folder, config, dtype)
+    calibrator = apply_calibration(model, calibration, check_lora=False)
     calibrator.bake()
     calibrator.detach_hooks_keep_weights()
-    _write_folder(out, model.save_pretrained)
-    click.echo(f"baked {len(calibrator.sites)} sites into {output}"
-               + (f"; sample it as it was calibrated: {describe_settings(settings)}" if settings else ""))
+    return model, calibrator
 
 
 def _saved_scheduler(model_dir: Path) -> dict[str, object] | None:
@@ -148,10 +172,11 @@ def _check_output(out: Path, overwrite: bool, keep: list[Path]) -> None:
             break
 
 
-def _write_folder(out: Path, write: Callable[[Path], object]) -> None:
+def _write_folder(out: Path, write: Callable[[Path], object], marker: str = "config.json", replace: bool = True) -> None:
     """``write(folder)`` into a temporary folder next to ``out``, then move it into place: a
     failed or interrupted write leaves ``out`` as it was, and success is never claimed for a
-    folder that was not written."""
+    folder that was not written (one without ``marker``). ``replace=False``: an ``out`` that
+    appeared meanwhile is refused, never replaced."""
     import os
     import secrets
     import shutil
@@ -167,8 +192,10 @@ def _write_folder(out: Path, write: Callable[[Path], object]) -> None:
         raise UserError(f"-o/--output: cannot create {out}: {exc.strerror or exc}") from None
     try:
         write(staging)
-        if not (staging / "config.json").is_file():
+        if not (staging / marker).is_file():
             raise UserError(f"-o/--output: nothing was written to {out}")
+        if out.exists() and not replace:
+            raise UserError(f"-o/--output: {out} appeared while it was written; nothing was replaced")
         if out.exists():  # an empty folder, or one --overwrite replaces
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "replaced")
@@ -301,7 +328,7 @@ def _evaluation_target(path, model, reward, device, chosen, seed):
 
     from calibri.core.errors import ConfigError, UserError
 
-    from .calibration_file import check_fits, load_calibration
+    from .calibration_file import check_fits, load_calibration, lora_mismatch
     from .models import SHIPPED_MODELS, check_pipeline_source, resolve_model
     from .objective import FIELD, CalibriObjective, CalibriOptions, check_reward_prompts
     from .prompts import load_prompts
@@ -349,7 +376,8 @@ def _evaluation_target(path, model, reward, device, chosen, seed):
             options = CalibriOptions(model=name, granularity=document["granularity"], copies=document["copies"],
                                      form=document["form"], guidance_scale=guidance,
                                      time_buckets=document.get("time_buckets", 1),
-                                     reward=reward or "toy_oracle", device=device)
+                                     reward=reward or "toy_oracle", device=device,
+                                     lora=((settings or {}).get("lora") or {}).get("path"))
         except pydantic.ValidationError as exc:
             error = exc.errors()[0]
             where = ".".join(str(part) for part in error["loc"])
@@ -361,12 +389,16 @@ def _evaluation_target(path, model, reward, device, chosen, seed):
         try:
             objective = CalibriObjective(options)
         except ConfigError as exc:  # name what the user gave: an option of this command, not a config field
-            for prefix, option in ((f"{FIELD}.model", model_field), (f"{FIELD}.reward", "--reward")):
+            for prefix, option in ((f"{FIELD}.model", model_field), (f"{FIELD}.reward", "--reward"),
+                                   (f"{FIELD}.lora", f"{path}: calibrated_for.lora")):
                 if exc.field == prefix or exc.field.startswith(prefix + "."):
                     raise UserError(f"{option + exc.field[len(prefix):]}: {exc.message}") from None
             raise
         try:
             check_fits(objective.calibrator, document, path)
+            mismatch = lora_mismatch(document, objective.pipe.transformer)
+            if mismatch:  # the recorded LoRA's file holds other weights now
+                raise UserError(f"{path}: {mismatch}; evaluating it there would measure another model")
         except Exception:
             objective.close()
             raise

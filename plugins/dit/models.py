@@ -112,6 +112,9 @@ def error_summary(exc: BaseException, limit: int = 300) -> str:
     its first mismatch and a count, anything else as its first line."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     mismatches = [line for line in lines if line.startswith("size mismatch for")]
+    shape = re.search(r"because (\S+ expected shape .+?, but got [^.]+?)\.", lines[0]) if lines else None
+    if shape and not mismatches:  # the wording diffusers uses when a dtype is given to from_pretrained
+        mismatches = [shape.group(1)]
     if mismatches:
         more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
         text = f"the config does not match the weights: {mismatches[0]}{more}"
@@ -318,13 +321,16 @@ def load_pipeline(model: str, dtype: str = "auto", device: str = "cpu") -> Any:
     return pipe
 
 
-def load_transformer(folder: Path, config: dict[str, Any]) -> Any:
-    """The transformer saved in ``folder`` (config.json + weights); a missing or truncated weights
-    file, or a config.json that does not match the weights, is one line naming the file."""
+def load_transformer(folder: Path, config: dict[str, Any], dtype: Any = None) -> Any:
+    """The transformer saved in ``folder`` (config.json + weights), in ``dtype`` (a torch dtype;
+    None: the library's default); a missing or truncated weights file, or a config.json that does
+    not match the weights, is one line naming the file."""
+    from .compat import from_pretrained
+
     cls = model_class(config, folder / "config.json")
     try:
         with quiet_loading():
-            return cls.from_pretrained(folder)
+            return cls.from_pretrained(folder) if dtype is None else from_pretrained(cls, str(folder), dtype)
     except Exception as exc:  # noqa: BLE001 - the library's error on the user's files
         summary = error_summary(exc)
         if summary.startswith("the config does not match"):

@@ -68,6 +68,7 @@ class CalibriOptions(pydantic.BaseModel):
 
     model: str = "toy"
     transformer_config: str | None = pydantic.Field(None, alias="model_config")
+    lora: str | None = None
     granularity: Granularity = "layer"
     copies: int = 1
     form: Literal["single", "distilled", "cfg"] | None = None
@@ -303,6 +304,22 @@ def check_calibri(**options: Any) -> None:
     except UserError as exc:
         raise ConfigError(f"{FIELD}.model", str(exc)) from None
     check_pipeline_arguments(cls, opts, multiple)
+    if opts.lora is not None:
+        check_lora_option(opts)
+
+
+def check_lora_option(opts: CalibriOptions) -> None:
+    """The ``lora`` folder's files, and, where the transformer's config is at hand (a local folder
+    or ``model_config``), that the LoRA fits its modules — on the meta device, no weights loaded."""
+    from calibri.plugins.flow_grpo.lora import check_lora
+
+    from .models import build_on_meta, transformer_config
+
+    try:
+        meta = build_on_meta(transformer_config(opts.model, opts.transformer_config))
+    except UserError:
+        meta = None  # a hub id without model_config: checked against the real model once it loads
+    check_lora(opts.lora, f"{FIELD}.lora", meta)
 
 
 def check_reward_spec(spec: Any, field: str = f"{FIELD}.reward") -> None:
@@ -435,6 +452,10 @@ class CalibriObjective(Objective):
         except UserError as exc:
             raise ConfigError(f"{FIELD}.model", str(exc)) from None
         check_pipeline_arguments(type(self.pipe), opts, loaded_pixel_multiple(self.pipe))  # a hub id: now
+        if opts.lora is not None:  # merged before the hooks: the calibration is made on the adapted model
+            from calibri.plugins.flow_grpo.lora import load_flowgrpo_lora
+
+            self.pipe.transformer = load_flowgrpo_lora(self.pipe.transformer, opts.lora, f"{FIELD}.lora")
         self.calibrator = calibrator_for(self.pipe.transformer, opts).attach()
         self.space = self.calibrator.space(opts.with_omega, opts.sigma, opts.omega_sigma)
         self.reward = build_reward(opts.reward, field=f"{FIELD}.reward", device=device)
@@ -500,7 +521,7 @@ class CalibriObjective(Objective):
         if len(counts) == 1:
             scores, details = per_nfe[0]
             metrics = {"reward_sem": _sem(scores)}
-            metrics.update({f"reward.{name}": float(np.mean(v)) for name, v in details.items()})
+            metrics.update({f"reward.{name}": mean_applicable(v) for name, v in details.items()})
             value = float(scores.mean())
         else:
             value, metrics = self._combine(counts, per_nfe)
@@ -509,11 +530,11 @@ class CalibriObjective(Objective):
         return EvalResult(value=value, metrics=metrics, artifacts=artifacts)
 
     def _combine(self, counts: Sequence[int], per_nfe: Sequence[tuple[np.ndarray, dict[str, np.ndarray]]],
-                 ) -> tuple[float, dict[str, float]]:
+                 ) -> tuple[float, dict[str, float | None]]:
         """The value over several NFEs from each NFE's mean, computed exactly as a one-NFE value is
         (``float(scores.mean())``), so it equals the mean (or worst) of one-NFE evaluations."""
         means = [float(scores.mean()) for scores, _ in per_nfe]
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float | None] = {}
         for n_steps, (scores, _), mean in zip(counts, per_nfe, means):
             metrics[f"reward@{n_steps}"] = mean
             metrics[f"reward_sem@{n_steps}"] = _sem(scores)
@@ -525,22 +546,31 @@ class CalibriObjective(Objective):
             value = math.fsum(means) / len(means)
             metrics["reward_sem"] = _sem(np.mean([scores for scores, _ in per_nfe], axis=0))  # paired per image
         for name in per_nfe[0][1]:
-            metrics[f"reward.{name}"] = float(np.mean([np.mean(details[name]) for _, details in per_nfe]))
+            applicable = [m for m in (mean_applicable(details[name]) for _, details in per_nfe) if m is not None]
+            metrics[f"reward.{name}"] = float(np.mean(applicable)) if applicable else None
         return value, metrics
 
     def calibrated_for(self) -> dict[str, Any]:
         """The sampling settings this objective scores under, recorded in the calibration file so
         that using it off them can be warned about: step counts (and how they were combined), the
-        scheduler's class and shift, the guidance scale, the image size."""
+        scheduler's class and shift, the guidance scale, the image size; and the LoRA merged under
+        the calibration (its folder and the sha256 of its weights), if any."""
+        from calibri.plugins.flow_grpo.lora import merged_lora
+
         scheduler = getattr(self.pipe, "scheduler", None)
         config = dict(getattr(scheduler, "config", None) or {})
         height, width = self.generator.resolution()
-        return {"steps": list(self.step_counts), "steps_combine": self.options.steps_combine,
-                "scheduler": {"class": type(scheduler).__name__ if scheduler is not None else None,
-                              "shift": _plain_number(config.get("shift")),
-                              "use_dynamic_shifting": config.get("use_dynamic_shifting")},
-                "guidance_scale": self.generator.effective_guidance(),
-                "height": height, "width": width}
+        lora = merged_lora(self.pipe.transformer)
+        settings: dict[str, Any] = {
+            "steps": list(self.step_counts), "steps_combine": self.options.steps_combine,
+            "scheduler": {"class": type(scheduler).__name__ if scheduler is not None else None,
+                          "shift": _plain_number(config.get("shift")),
+                          "use_dynamic_shifting": config.get("use_dynamic_shifting")},
+            "guidance_scale": self.generator.effective_guidance(),
+            "height": height, "width": width}
+        if lora is not None:
+            settings["lora"] = lora
+        return settings
 
 
 def _sem(values: np.ndarray) -> float:
@@ -550,6 +580,14 @@ def _sem(values: np.ndarray) -> float:
 
 def _plain_number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def mean_applicable(values: Any) -> float | None:
+    """A reward component's mean over the images it applies to: NaN marks an image it does not
+    apply to (GenEval's −10 for another tag), as Flow-GRPO averages only the values ≠ −10."""
+    values = np.asarray(values, dtype=np.float64)
+    kept = values[~np.isnan(values)]
+    return float(kept.mean()) if kept.size else None
 
 
 def score_images(reward: Any, images: Any, prompts: Sequence[str],

@@ -2,8 +2,10 @@
 
 Sources: a ``.txt`` file (one prompt per line; blank lines and ``#`` comments skipped), a
 ``.jsonl`` file (one object per line with a ``prompt`` field; every other field is metadata handed
-to the rewards), a list given inline in the YAML, or a shipped set by name (``toy/calibration``,
-``toy/validation``: the toy world's split).
+to the rewards), a list given inline in the YAML, a shipped set by name (``toy/calibration``,
+``toy/validation``: the toy world's split), or ``SCHEME:REST`` for a source a plugin registers
+through ``calibri_register_prompt_sources`` (``flowgrpo:DIR`` reads a Flow-GRPO dataset folder).
+An existing file always wins over a scheme, so a file whose name holds a colon still loads.
 
 Seed policy (one rule for training rounds, validation and evaluation): image ``j`` of a batch
 whose context seed is ``s`` is sampled from ``torch.Generator().manual_seed(image_seed(s, j))``.
@@ -14,6 +16,7 @@ size or the worker.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +63,13 @@ def load_prompts(spec: str | Path | Sequence[str], field: str) -> PromptSet:
     text = str(spec)
     path = shipped_path(text) if text in SHIPPED else Path(text).expanduser()
     if not path.is_file():
+        source = _registered_source(text, field)
+        if source is not None:
+            return source
         known = ", ".join(SHIPPED)
-        raise ConfigError(field, f"{text}: no such prompt file (or shipped set: {known})")
+        schemes = _schemes()
+        also = f"; prompt sources: {', '.join(f'{s}:...' for s in schemes)}" if schemes else ""
+        raise ConfigError(field, f"{text}: no such prompt file (or shipped set: {known}{also})")
     try:
         content = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -74,6 +82,42 @@ def load_prompts(spec: str | Path | Sequence[str], field: str) -> PromptSet:
     if not prompts:
         raise ConfigError(field, f"{path}: holds no prompts")
     return PromptSet(tuple(prompts), tuple(metadata), str(path))
+
+
+#: ``SCHEME:REST``: a scheme is a letter then letters, digits, ``_``, ``.``, ``+`` or ``-``.
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9_.+-]*):(.*)", re.DOTALL)
+
+
+def _schemes() -> list[str]:
+    from calibri.core.plugins import get_registry
+
+    return get_registry().names("prompt_sources")
+
+
+def _registered_source(text: str, field: str) -> PromptSet | None:
+    """The prompt set of a ``SCHEME:REST`` spec whose scheme a plugin registered, else None.
+
+    The loader's own ``ConfigError`` passes through; any other error it raises becomes one naming
+    ``field``, and so does a result that is not a non-empty :class:`PromptSet`."""
+    from calibri.core.plugins import build_from, get_registry
+
+    match = _SCHEME.fullmatch(text)
+    if match is None or match.group(1) not in _schemes():
+        return None
+    registration = get_registry().get("prompt_sources", match.group(1), field)
+    try:
+        result = build_from(registration, registration.factory, match.group(2), field)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(field, f"{text}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(result, PromptSet):
+        raise ConfigError(field, f"{text}: the {match.group(1)!r} prompt source returned a "
+                                 f"{type(result).__name__}, not a PromptSet")
+    if not len(result) or len(result.metadata) != len(result.prompts):
+        raise ConfigError(field, f"{text}: holds no prompts" if not len(result)
+                          else f"{text}: {len(result.prompts)} prompts but {len(result.metadata)} metadata rows")
+    return result
 
 
 def _jsonl(path: Path, content: str, field: str) -> tuple[list[str], list[dict[str, Any]]]:
