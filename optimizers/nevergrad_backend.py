@@ -1,4 +1,5 @@
-"""nevergrad backends: CMA-ES built explicitly with ``ParametrizedCMA``, plus DE, PSO, (1+1).
+"""nevergrad backends: CMA-ES built explicitly with ``ParametrizedCMA``, plus DE, PSO, (1+1) and
+TBPSA (noisy objectives).
 
 nevergrad searches standardised coordinates ``u = (z - z0) / σ`` (``z`` the space's search
 coordinates, ``σ`` the per-dimension user step sizes), so nevergrad's unit step size is exactly
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from calibri.core.errors import ConfigError
 from calibri.core.hookspecs import hookimpl
 from calibri.core.optimizer import FailurePenalty, Optimizer, OptimizerSettings
 from calibri.core.space import Params, Space
@@ -85,9 +87,12 @@ class NevergradOptimizer(Optimizer):
         with warnings.catch_warnings():  # a round that failed entirely is told a huge penalty, on purpose
             warnings.filterwarnings("ignore", message=".*[Ll]oss.*")
             for candidate, loss in zip(self._pending, filled):
-                self.ng_optimizer.tell(candidate, loss)
+                self._tell_one(candidate, loss)
         self._history.append(filled)
         self._pending = []
+
+    def _tell_one(self, candidate: Any, loss: float) -> None:
+        self.ng_optimizer.tell(candidate, loss)
 
     def recommend(self) -> Params:
         return self._to_params(self.ng_optimizer.provide_recommendation().value)
@@ -102,7 +107,7 @@ class NevergradOptimizer(Optimizer):
         for losses in state["history"]:
             candidates = [self.ng_optimizer.ask() for _ in losses]
             for candidate, loss in zip(candidates, losses):
-                self.ng_optimizer.tell(candidate, loss)
+                self._tell_one(candidate, loss)
         self._history = [list(losses) for losses in state["history"]]
         self._penalty = FailurePenalty()
         self._penalty.worst = max((max(losses) for losses in self._history if losses), default=None)
@@ -155,12 +160,41 @@ class NevergradOnePlusOne(NevergradOptimizer):
     registry_name = "OnePlusOne"
 
 
+class NevergradTBPSA(NevergradOptimizer):
+    """Test-based population-size adaptation (nevergrad ``ParametrizedTBPSA``), an evolution
+    strategy for noisy objectives: it grows its population when a statistical test says the noise
+    hides progress. Its population (λ = 4·mu, mu = ``initial_popsize``, default d) is its own; the
+    round size only sets how many candidates are asked at once. ``naive: false`` (the default, as
+    nevergrad's ``TBPSA``) recommends the mean of recent parents, not the best noisy value seen."""
+
+    def __init__(self, space: Space, settings: OptimizerSettings, *, naive: bool = False,
+                 initial_popsize: int | None = None) -> None:
+        if initial_popsize is not None and initial_popsize < 1:
+            raise ConfigError("optimizer.options.initial_popsize", f"must be at least 1, got {initial_popsize}")
+        self._naive, self._initial_popsize = naive, initial_popsize
+        super().__init__(space, settings)
+
+    def _tell_one(self, candidate: Any, loss: float) -> None:
+        # nevergrad tells the suggested x0 as "not asked" and guesses its step size from its
+        # distance to the centre, which is 0 for x0: once x0 is a parent, σ collapses to 0 for
+        # good. It gets the σ it would have been sampled with instead.
+        sigma = self.ng_optimizer.sigma
+        self.ng_optimizer.tell(candidate, loss)
+        if candidate._meta.get("sigma") == 0:
+            candidate._meta["sigma"] = sigma
+
+    def _build(self, ng: Any, parametrization: Any) -> Any:
+        family = ng.families.ParametrizedTBPSA(naive=self._naive, initial_popsize=self._initial_popsize)
+        return family(parametrization=parametrization, budget=None, num_workers=self.popsize)
+
+
 #: Only optimisers seen working with current numpy (NGOpt-family selectors crash with numpy >= 2.3).
 NEVERGRAD_OPTIMIZERS: dict[str, type[NevergradOptimizer]] = {
     "nevergrad.cma": NevergradCMA,
     "nevergrad.de": NevergradDE,
     "nevergrad.pso": NevergradPSO,
     "nevergrad.oneplusone": NevergradOnePlusOne,
+    "nevergrad.tbpsa": NevergradTBPSA,
 }
 
 

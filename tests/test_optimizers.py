@@ -23,8 +23,8 @@ from calibri.core.testing.optimizer_contract import (
     drive,
 )
 
-BUILT_IN = ["nevergrad.cma", "nevergrad.de", "nevergrad.pso", "nevergrad.oneplusone", "optuna.tpe", "optuna.cmaes",
-            "optuna.random", "optuna.qmc", "optuna.gp", "pycma", "random"]
+BUILT_IN = ["nevergrad.cma", "nevergrad.de", "nevergrad.pso", "nevergrad.oneplusone", "nevergrad.tbpsa", "optuna.tpe",
+            "optuna.cmaes", "optuna.random", "optuna.qmc", "optuna.gp", "pycma", "random"]
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 # -- the contract, backend by backend --------------------------------------------------------------------
@@ -54,6 +54,14 @@ class TestNevergradPSOContract(OptimizerContract):
 class TestNevergradOnePlusOneContract(OptimizerContract):
     optimizer_name = "nevergrad.oneplusone"
     required_modules = ("nevergrad",)
+
+
+class TestNevergradTBPSAContract(OptimizerContract):
+    """TBPSA mutates log-normal step sizes per individual (σ·exp(N(0, 1/d))): the first
+    generation's spread is σ on average but wider per sample, so the spread checks get room."""
+    optimizer_name = "nevergrad.tbpsa"
+    required_modules = ("nevergrad",)
+    sigma_tolerance = 0.6
 
 
 class TestOptunaTPEContract(OptimizerContract):

@@ -27,7 +27,7 @@ import yaml
 from calibri.core.store import read_checkpoint
 from conftest import cli_command, cli_env
 
-BACKENDS = ["nevergrad.cma", "nevergrad.de", "nevergrad.pso", "nevergrad.oneplusone", "optuna.tpe",
+BACKENDS = ["nevergrad.cma", "nevergrad.de", "nevergrad.pso", "nevergrad.oneplusone", "nevergrad.tbpsa", "optuna.tpe",
             "optuna.cmaes", "optuna.random", "optuna.qmc", "pycma", "random"]
 #: Backends killed several times in a row (the others once).
 MULTI_KILL = {"nevergrad.cma": 3, "optuna.tpe": 3, "pycma": 2}

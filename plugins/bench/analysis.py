@@ -396,3 +396,173 @@ def convergence(runs: Sequence[RunData], max_evaluations: int) -> dict[str, tupl
         q25, q50, q75 = np.percentile(stack, [25, 50, 75], axis=0)
         out[optimizer] = (q25, q50, q75)
     return out
+
+
+# -- calibration problems: cost in images, score on held-out prompts ----------------------------
+@dataclass
+class CalibrationRun(RunData):
+    """One finished calibration cell, on its own axes: ``best[k]`` is the run's selected held-out
+    validation loss (the best validated point so far: what the run would return if stopped) after
+    ``k + 1`` training images. Validation images are counted apart: they pick the result but are
+    not the optimiser's cost, and every set-up validates on the same schedule."""
+
+    direction: str = "maximize"
+    training_images: int = 0
+    validation_images: int = 0
+    #: (training images so far, validated value, selected value so far) per validation record
+    validations: list[tuple[int, float | None, float | None]] = field(default_factory=list)
+
+    def reward(self, loss: float) -> float:
+        """A loss of this run as the objective's value (the reward, for a maximised reward)."""
+        return -loss if self.direction == "maximize" else loss
+
+    def loss(self, value: float) -> float:
+        return -value if self.direction == "maximize" else value
+
+    @property
+    def final(self) -> float | None:
+        """The selected validation value at the end of the run (None: nothing validated)."""
+        return None if not len(self.best) or not math.isfinite(self.best[-1]) else self.reward(float(self.best[-1]))
+
+
+def image_counts(records: Sequence[dict[str, Any]], per_evaluation: int | None) -> list[int]:
+    """Images each evaluation generated: the objective's ``n_images`` artifact (bucket size × step
+    counts), or ``per_evaluation`` where a record has none (a failed candidate)."""
+    out = []
+    for record in records:
+        n = (record.get("artifacts") or {}).get("n_images")
+        out.append(int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else int(per_evaluation or 0))
+    return out
+
+
+def load_calibration_run(cell: Cell, bench_dir: Path) -> CalibrationRun:
+    """A calibration cell's validation curve on the training-image axis (see :class:`CalibrationRun`)."""
+    records, best = cell_records(cell, bench_dir)
+    direction = best.get("direction", "maximize")
+    images = image_counts(records, cell.problem.images_per_evaluation)
+    after_round: dict[int, int] = {0: 0}
+    total = 0
+    for record, n in zip(records, images):
+        total += n
+        after_round[int(record["round"]) + 1] = total
+    rounds = max(after_round)
+    validation: list[dict[str, Any]] = []
+    path = Path(bench_dir) / cell.relpath / "validation.jsonl"
+    if path.exists():
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.endswith("\n"):
+                    validation.append(json.loads(line))
+    validation = [v for v in validation if int(v.get("after_round", 0)) <= rounds]
+    sign = -1.0 if direction == "maximize" else 1.0
+    curve = np.full(total, np.inf)
+    points: list[tuple[int, float | None, float | None]] = []
+    selected = math.inf
+    for record in validation:
+        at = after_round.get(int(record["after_round"]), total)
+        value = record.get("value") if record.get("status", "ok") == "ok" else None
+        if value is not None:
+            selected = min(selected, sign * float(value))
+            curve[max(at - 1, 0):] = np.minimum(curve[max(at - 1, 0):], sign * float(value))
+        points.append((at, value, sign * selected if math.isfinite(selected) else None))
+    objective_seconds = float(sum(r.get("wall_time") or 0.0 for r in records))
+    elapsed = float(best.get("elapsed_seconds") or 0.0)
+    if int(best.get("evaluations") or len(records)) > len(records) and records:  # run went past the budget
+        elapsed *= len(records) / int(best["evaluations"])
+    return CalibrationRun(cell.problem, cell.optimizer, cell.seed, curve, False, elapsed, objective_seconds,
+                          len(records), direction=direction, training_images=total,
+                          validation_images=len(validation) * int(cell.problem.images_per_validation or 0),
+                          validations=points)
+
+
+def calibration_target(runs: Sequence[CalibrationRun], reference: str, target: float | str) -> dict[str, Any]:
+    """The target validation value: a number, or the median or worst of the reference set-up's final
+    selected validation values over its seeds."""
+    finals = [run.final for run in runs if run.optimizer == reference and run.final is not None]
+    direction = runs[0].direction if runs else "maximize"
+    if not isinstance(target, str):
+        return {"value": float(target), "how": "given", "reference_finals": finals}
+    if not finals:
+        return {"value": None, "how": f"no finished {reference} run", "reference_finals": finals}
+    if target == "median":
+        value = float(np.median(finals))
+    else:  # the reference's worst seed: it reaches the target on every seed
+        value = float(min(finals) if direction == "maximize" else max(finals))
+    return {"value": value, "how": f"the {target} of {reference}'s final validation values over "
+                                   f"{len(finals)} seed{'s' if len(finals) != 1 else ''}", "reference_finals": finals}
+
+
+def images_to_target(run: CalibrationRun, target: float | None) -> float:
+    """Training images until the run's selected validation value first reaches ``target`` (∞ never)."""
+    if target is None:
+        return math.inf
+    return float(runtimes(run.best, [run.loss(target)])[0])
+
+
+def calibration_comparison(runs: Sequence[CalibrationRun], optimizers: Sequence[str], reference: str,
+                           target: float | None, alpha: float = ALPHA) -> list[dict[str, Any]]:
+    """Per optimiser: images to target per seed, ERT in images, the per-seed ratio to the reference
+    (median over seeds where both reach the target), and two paired two-sided sign tests over the
+    seeds, Holm-corrected over the optimisers: fewer images than the reference (``p_fewer``), and
+    fewer than half of the reference's (``p_half``, the halving goal). A seed where neither reaches
+    the target is a tie; one where only one does counts for it. Final selected validation values
+    (median, quartiles) and costs come with it."""
+    by: dict[str, dict[int, CalibrationRun]] = {}
+    for run in runs:
+        by.setdefault(run.optimizer, {})[run.seed] = run
+    ref = by.get(reference, {})
+    rows = []
+    for name in optimizers:
+        items = by.get(name, {})
+        if not items:
+            continue
+        seeds = sorted(items)
+        hits = {s: images_to_target(items[s], target) for s in seeds}
+        ert, successes, _ = expected_running_time([items[s].best for s in seeds],
+                                                  [items[seeds[0]].loss(target)] if target is not None else [])
+        finals = [items[s].final for s in seeds if items[s].final is not None]
+        paired = [s for s in seeds if s in ref]
+        ref_hits = {s: images_to_target(ref[s], target) for s in paired}
+        ratios = [hits[s] / ref_hits[s] for s in paired if math.isfinite(hits[s]) and math.isfinite(ref_hits[s])
+                  and ref_hits[s] > 0]
+        row: dict[str, Any] = {
+            "optimizer": name, "seeds": seeds, "reference": name == reference,
+            "images_to_target": {str(s): hits[s] for s in seeds},
+            "reached": int(sum(math.isfinite(v) for v in hits.values())),
+            "ert_images": float(ert[0]) if len(ert) else math.inf,
+            "median_ratio": float(np.median(ratios)) if ratios else None, "ratios": ratios,
+            "final_median": float(np.median(finals)) if finals else None,
+            "final_q25": float(np.percentile(finals, 25)) if finals else None,
+            "final_q75": float(np.percentile(finals, 75)) if finals else None,
+            "images_per_evaluation": items[seeds[0]].problem.images_per_evaluation,
+            "training_images": int(np.median([items[s].training_images for s in seeds])),
+            "validation_images": int(np.median([items[s].validation_images for s in seeds])),
+            "evaluations": int(np.median([items[s].evaluations for s in seeds])),
+            "wall_seconds": float(sum(items[s].elapsed for s in seeds)),
+            "wall_seconds_median": float(np.median([items[s].elapsed for s in seeds])),
+            "paired_seeds": len(paired)}
+        if name != reference and paired:
+            mine = np.array([hits[s] for s in paired])
+            theirs = np.array([ref_hits[s] for s in paired])
+            row["p_fewer"], row["untied_fewer"] = sign_test(mine, theirs)
+            row["p_half"], row["untied_half"] = sign_test(mine, 0.5 * theirs)
+            row["wins_fewer"] = int(np.sum(mine < theirs))
+            row["wins_half"] = int(np.sum(mine < 0.5 * theirs))
+            ref_finals = np.array([ref[s].final if ref[s].final is not None else np.nan for s in paired])
+            own = np.array([items[s].final if items[s].final is not None else np.nan for s in paired])
+            sign = -1.0 if items[seeds[0]].direction == "maximize" else 1.0
+            row["p_final"], row["untied_final"] = sign_test(sign * own, sign * ref_finals)
+            row["better_final"] = int(np.sum(sign * own < sign * ref_finals))
+        rows.append(row)
+    for key in ("p_fewer", "p_half", "p_final"):
+        tested = [row for row in rows if key in row]
+        for row, adjusted in zip(tested, holm([row[key] for row in tested])):
+            row[key.replace("p_", "p_holm_")] = float(adjusted)
+    ref_row = next((row for row in rows if row["reference"]), None)
+    for row in rows:
+        if ref_row is not None and math.isfinite(row["ert_images"]) and math.isfinite(ref_row["ert_images"]) \
+                and ref_row["ert_images"] > 0:
+            row["ert_ratio"] = row["ert_images"] / ref_row["ert_images"]
+        else:
+            row["ert_ratio"] = None
+    return rows

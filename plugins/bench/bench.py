@@ -14,7 +14,7 @@ def run_bench(config: BenchConfig, bench_dir: str | Path, *, workers: int | None
               threads: int | str | None = None) -> dict[str, Any]:
     """Run every unfinished cell (``run``), then write ``evaluations.csv.gz`` and the exports
     (``export``) and ``report.md`` with its PNGs (``report``). Returns what happened."""
-    from .analysis import load_run
+    from .analysis import load_calibration_run, load_run
     from .cells import build_cells, expand_problems
     from .export import CSV_NAME, write_coco, write_iohprofiler, write_tidy_csv
     from .runner import run_cells
@@ -37,6 +37,7 @@ def run_bench(config: BenchConfig, bench_dir: str | Path, *, workers: int | None
                            "failed": [(r.key, r.error) for r in failed]}
     if report or export:
         runs = [load_run(cell, bench_dir, keep_records=export) for cell in finished]
+        calibration = [load_calibration_run(cell, bench_dir) for cell in finished if cell.problem.is_calibration]
         if export:
             out["csv"] = str(write_tidy_csv(runs, bench_dir / CSV_NAME))
             out["iohprofiler"] = str(write_iohprofiler(runs, bench_dir / "export" / "iohprofiler"))
@@ -47,7 +48,8 @@ def run_bench(config: BenchConfig, bench_dir: str | Path, *, workers: int | None
         if report:
             from .report import build_report
 
-            out["summary"] = build_report(config, runs, bench_dir, [key for key, _ in out["failed"]])
+            out["summary"] = build_report(config, runs, bench_dir, [key for key, _ in out["failed"]],
+                                          calibration)
             out["report"] = str(bench_dir / "report.md")
     if failed:
         out["error"] = RunFailed(f"{len(failed)} of {len(cells)} cells failed; first: {failed[0].key}: "

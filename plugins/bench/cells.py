@@ -6,8 +6,11 @@ COCO and IOHprofiler data too.
 """
 from __future__ import annotations
 
+import copy
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from calibri.core.errors import ConfigError
@@ -27,6 +30,18 @@ class Problem:
     function: int | None = None  # BBOB function index
     instance: int | None = None  # BBOB instance
     library: str | None = None   # BBOB library (ioh / coco)
+    #: A calibration problem's run YAML without what the bench sets per cell (optimiser, seed,
+    #: budget, callbacks): its validation, executor, space and failure rate.
+    run: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+    sigma: float | None = None                   # the calibration YAML's optimizer.sigma
+    popsize: int | None = None                   # the calibration YAML's optimizer.popsize
+    images_per_evaluation: int | None = None     # bucket_size × step counts
+    images_per_validation: int | None = None     # validation prompts × step counts
+    plugins: tuple[str, ...] = ()
+
+    @property
+    def is_calibration(self) -> bool:
+        return self.run is not None
 
     @property
     def is_bbob(self) -> bool:
@@ -72,10 +87,11 @@ class Cell:
             optimizer["sigma"] = self.sigma
         if self.popsize is not None:
             optimizer["popsize"] = self.popsize
-        return {"name": self.key, "seed": self.seed,
-                "objective": {"name": self.problem.objective, "options": dict(self.problem.options)},
+        plugins = list(dict.fromkeys([*self.problem.plugins, *self.plugins]))
+        return {"name": self.key, "seed": self.seed, **copy.deepcopy(self.problem.run or {}),
+                "objective": {"name": self.problem.objective, "options": copy.deepcopy(self.problem.options)},
                 "optimizer": optimizer, "budget": {"evaluations": self.evaluations},
-                "callbacks": [], "plugins": list(self.plugins)}
+                "callbacks": [], "plugins": plugins}
 
 
 def safe(text: str) -> str:
@@ -103,6 +119,9 @@ def expand_problems(config: BenchConfig) -> list[Problem]:
                                            {"function": function, "dimension": dimension, "instance": instance,
                                             "library": block.library, "init": block.init},
                                            dimension, None, function, instance, block.library))
+            continue
+        if spec.calibration is not None:
+            out.append(calibration_problem(i, spec))
             continue
         out.append(_registered_problem(i, spec, registry, resolve_space))
     seen: dict[str, int] = {}
@@ -143,16 +162,107 @@ def _registered_problem(i: int, spec: ProblemSpec, registry: Any, resolve_space:
                    spec.options.get("library", "ioh") if spec.name == "bbob" else None)
 
 
-def popsize_for(config: BenchConfig, dimension: int) -> int:
+#: The run-YAML keys a calibration problem keeps; the bench sets the rest per cell.
+CALIBRATION_KEEPS = ("space", "executor", "validation", "max_failure_rate")
+
+
+def calibration_problem(i: int, spec: ProblemSpec) -> Problem:
+    """A calibration run YAML (with its overrides) as a problem: checked like ``calibri run``
+    checks it (objective options, space, validation prompts), nothing loaded. Its cost unit is
+    the image: a candidate makes ``bucket_size`` images at each of its step counts."""
+    from calibri.core.config import apply_overrides, read_yaml, validate
+    from calibri.core.errors import UserError
+    from calibri.core.run import plan
+
+    assert spec.calibration is not None
+    field_path = f"problems.{i}.calibration"
+    try:
+        data = read_yaml(spec.calibration.config)
+    except UserError as exc:
+        raise ConfigError(f"{field_path}.config", str(exc)) from None
+    overrides = [f"{key}={json.dumps(value)}" for key, value in spec.calibration.overrides.items()]
+    try:
+        data = apply_overrides(data, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{field_path}.overrides.{exc.field}", exc.message) from None
+    try:
+        run = validate({**data, "callbacks": []})
+        planned = plan(run)
+    except ConfigError as exc:  # the run YAML's own field, after the overrides
+        raise ConfigError(f"{field_path}.config", f"{exc.field}: {exc.message}" if exc.field else exc.message) \
+            from None
+    if run.objective.name != "calibri":
+        raise ConfigError(f"{field_path}.config", f"objective is {run.objective.name!r}; a calibration problem "
+                                                  f"needs the calibri objective (its images are the cost)")
+    if run.validation.every is None:
+        raise ConfigError(f"{field_path}.config", "has no validation.every; the score of a calibration problem "
+                                                  "is its held-out validation reward")
+    from calibri.plugins.dit.objective import FIELD, CalibriOptions
+    from calibri.plugins.dit.prompts import load_prompts
+
+    options = CalibriOptions.trusted(planned.recipe.options)
+    if options.validation_prompts is None:
+        raise ConfigError(f"{field_path}.config", "objective.options.validation_prompts is null; the score of a "
+                                                  "calibration problem is its held-out validation reward")
+    held_out = load_prompts(options.validation_prompts, f"{FIELD}.validation_prompts")
+    nfes = len(options.step_counts)
+    dumped = run.model_dump(mode="json", exclude_none=True)
+    label = spec.label or run.name or Path(spec.calibration.config).stem
+    return Problem(label, run.objective.name, dict(run.objective.options), len(planned.space or ()), None,
+                   run={key: dumped[key] for key in CALIBRATION_KEEPS if key in dumped},
+                   sigma=run.optimizer.sigma, popsize=run.optimizer.popsize,
+                   images_per_evaluation=options.bucket_size * nfes,
+                   images_per_validation=len(held_out.prompts) * nfes, plugins=tuple(run.plugins))
+
+
+def popsize_for(config: BenchConfig, dimension: int, problem: Problem | None = None) -> int:
     from calibri.core.optimizer import default_popsize
 
-    return config.popsize or default_popsize(dimension)
+    return config.popsize or (problem.popsize if problem is not None else None) or default_popsize(dimension)
 
 
-def budget_evaluations(config: BenchConfig, dimension: int) -> list[int]:
-    """Each budget of the bench in evaluations, for a problem of ``dimension``."""
-    popsize = popsize_for(config, dimension)
-    return [budget.evaluations_for(dimension, popsize) for budget in config.budgets]
+def budget_evaluations(config: BenchConfig, dimension: int, problem: Problem | None = None,
+                       images_per_evaluation: int | None = None) -> list[int]:
+    """Each budget of the bench in evaluations, for a problem of ``dimension`` (an image budget:
+    for candidates of ``images_per_evaluation`` images, by default the problem's)."""
+    popsize = popsize_for(config, dimension, problem)
+    per = images_per_evaluation or (problem.images_per_evaluation if problem is not None else None)
+    out = []
+    for i, budget in enumerate(config.budgets):
+        try:
+            out.append(budget.evaluations_for(dimension, popsize, per))
+        except ValueError as exc:
+            raise ConfigError(f"budgets.{i}.images", f"{exc}; problem {problem.label if problem else '?'!r} "
+                                                     f"is not one") from None
+    return out
+
+
+def setup_problem(problem: Problem, spec: Any, index: int) -> Problem:
+    """``problem`` as optimiser entry ``index`` runs it: a calibration with the entry's
+    ``objective_options`` merged into its objective's options (checked, errors naming the entry);
+    any other problem unchanged (and refused with objective options)."""
+    if not spec.objective_options:
+        return problem
+    field_path = f"optimizers.{index}.objective_options"
+    if not problem.is_calibration:
+        raise ConfigError(field_path, f"only calibration problems take objective options; {problem.label!r} is not one")
+    from dataclasses import replace
+
+    from calibri.core.options import validate_options
+    from calibri.core.plugins import get_registry
+    from calibri.plugins.dit.objective import CalibriOptions
+
+    if {"validation_prompts", "validation_seed"} & set(spec.objective_options):
+        raise ConfigError(field_path, "every set-up of a calibration is scored on the same held-out prompts and "
+                                      "seed; leave validation_prompts and validation_seed to the problem")
+    registration = get_registry().get("objectives", problem.objective)
+    base = CalibriOptions.trusted(validate_options(registration.factory, problem.options, field_path,
+                                                   reserved=("device",)))
+    options = {**problem.options, **spec.objective_options}
+    opts = CalibriOptions.trusted(validate_options(registration.factory, options, field_path, reserved=("device",)))
+    held_out = (problem.images_per_validation or 0) // len(base.step_counts)  # validation prompts
+    return replace(problem, options=options, images_per_evaluation=opts.bucket_size * len(opts.step_counts),
+                   images_per_validation=held_out * len(opts.step_counts))
 
 
 def build_cells(config: BenchConfig, problems: list[Problem] | None = None) -> list[Cell]:
@@ -167,9 +277,12 @@ def build_cells(config: BenchConfig, problems: list[Problem] | None = None) -> l
         validate_options(registration.factory, spec.options, f"optimizers.{i}.options", skip=2)
     cells = []
     for problem in problems:
-        evaluations = max(budget_evaluations(config, problem.dimension))
-        for spec in config.optimizers:
+        sigma = config.sigma if config.sigma is not None else problem.sigma
+        popsize = config.popsize or problem.popsize
+        for index, spec in enumerate(config.optimizers):
+            setup = setup_problem(problem, spec, index)
+            evaluations = max(budget_evaluations(config, setup.dimension, setup))
             for seed in config.seeds:
-                cells.append(Cell(problem, spec.key, spec.name, dict(spec.options), seed, evaluations,
-                                  config.sigma, config.popsize, tuple(config.plugins)))
+                cells.append(Cell(setup, spec.key, spec.name, dict(spec.options), seed, evaluations,
+                                  sigma, popsize, tuple(config.plugins)))
     return cells

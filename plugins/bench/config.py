@@ -92,10 +92,22 @@ class BBOBSet(_Strict):
         return self
 
 
+class CalibrationSet(_Strict):
+    """A calibration as a problem: a calibri run YAML (its objective, space, validation and
+    executor; the bench gives optimiser, seed and budget), with ``overrides`` of its keys
+    (``{objective.options.bucket_size: 8}``). Cost is counted in generated images, the score is
+    the held-out validation reward, so the YAML needs ``validation.every`` and validation prompts."""
+
+    config: str = Field(min_length=1, description="a calibri run YAML, relative to the current directory")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key: value")
+
+
 class ProblemSpec(_Strict):
-    """One problem: a BBOB block (``bbob:``), or a registered objective by ``name`` + ``options``."""
+    """One problem: a BBOB block (``bbob:``), a calibration (``calibration:``), or a registered
+    objective by ``name`` + ``options``."""
 
     bbob: BBOBSet | None = None
+    calibration: CalibrationSet | None = None
     name: str | None = Field(default=None, min_length=1)
     options: dict[str, Any] = Field(default_factory=dict)
     label: str | None = Field(default=None, min_length=1)
@@ -108,19 +120,26 @@ class ProblemSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> "ProblemSpec":
-        if (self.bbob is None) == (self.name is None):
-            raise ValueError("give either bbob: {functions, dimensions, instances} or name: <objective>")
+        if sum(x is not None for x in (self.bbob, self.calibration, self.name)) != 1:
+            raise ValueError("give one of bbob: {functions, dimensions, instances}, calibration: {config: RUN.yaml} "
+                             "or name: <objective>")
         if self.bbob is not None and (self.options or self.label or self.f_opt is not None):
             raise ValueError("a bbob: block takes no name, options, label or f_opt")
+        if self.calibration is not None and (self.options or self.f_opt is not None):
+            raise ValueError("a calibration takes no options or f_opt (use calibration.overrides)")
         return self
 
 
 class OptimizerSpec(_Strict):
-    """An optimiser plugin with its options; ``label`` names it in reports (default: ``name``)."""
+    """An optimiser plugin with its options; ``label`` names it in reports (default: ``name``).
+    ``objective_options`` make a calibration set-up more than its optimiser: they replace the
+    calibration objective's options in this set-up's cells (``{bucket_size: 8}``)."""
 
     name: str = Field(min_length=1)
     options: dict[str, Any] = Field(default_factory=dict)
     label: str | None = Field(default=None, min_length=1)
+    objective_options: dict[str, Any] = Field(default_factory=dict, description=(
+        "calibration problems: objective options of this set-up's cells, e.g. {bucket_size: 8}"))
 
     @model_validator(mode="before")
     @classmethod
@@ -133,12 +152,13 @@ class OptimizerSpec(_Strict):
 
 
 class BudgetSpec(_Strict):
-    """One budget, in exactly one unit: evaluations, evaluations per dimension, or rounds
-    (of the bench's popsize)."""
+    """One budget, in exactly one unit: evaluations, evaluations per dimension, rounds (of the
+    bench's popsize), or training images (calibration problems only)."""
 
     evaluations: int | None = Field(default=None, ge=1)
     evaluations_per_dim: float | None = Field(default=None, gt=0)
     rounds: int | None = Field(default=None, ge=1)
+    images: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -148,20 +168,28 @@ class BudgetSpec(_Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "BudgetSpec":
-        given = [k for k in ("evaluations", "evaluations_per_dim", "rounds") if getattr(self, k) is not None]
+        given = [k for k in ("evaluations", "evaluations_per_dim", "rounds", "images") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of evaluations, evaluations_per_dim, rounds")
+            raise ValueError("give exactly one of evaluations, evaluations_per_dim, rounds, images")
         return self
 
-    def evaluations_for(self, dimension: int, popsize: int) -> int:
+    def evaluations_for(self, dimension: int, popsize: int, images_per_evaluation: int | None = None) -> int:
+        """This budget in evaluations; an image budget needs the images each evaluation makes
+        (the last candidate may take it past the budget, never short of it)."""
         if self.evaluations is not None:
             return self.evaluations
         if self.rounds is not None:
             return self.rounds * popsize
+        if self.images is not None:
+            if not images_per_evaluation:
+                raise ValueError("only calibration problems count images")
+            return max(1, -(-self.images // images_per_evaluation))
         return max(1, int(round(self.evaluations_per_dim * dimension)))
 
     @property
     def label(self) -> str:
+        if self.images is not None:
+            return f"{self.images} images"
         if self.evaluations is not None:
             return f"{self.evaluations} evals"
         if self.rounds is not None:
@@ -186,6 +214,12 @@ class BenchConfig(_Strict):
         default="auto", description="BLAS/OpenMP/torch threads of each parallel cell: auto (the cores "
                                     "split between cells), a number, or inherit")
     plugins: list[str] = Field(default_factory=list, description="extra plugin modules to import")
+    reference: str | None = Field(default=None, min_length=1, description=(
+        "calibration problems: the optimiser label whose final validation reward is the target "
+        "(default: the first optimiser)"))
+    target: float | Literal["median", "worst"] = Field(default="median", description=(
+        "calibration problems: the target validation reward, the median or the worst of the reference's "
+        "final rewards over seeds, or a number"))
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -211,7 +245,15 @@ class BenchConfig(_Strict):
         for i, key in enumerate(keys):
             if key in keys[:i]:
                 raise _FieldError(f"optimizers.{i}.label", f"{key!r} is used twice; give each optimiser a label")
+        if self.reference is not None and self.reference not in keys:
+            raise _FieldError("reference", f"{self.reference!r} is not an optimiser label of this bench "
+                                           f"(labels: {', '.join(keys)})")
         return self
+
+    @property
+    def reference_key(self) -> str:
+        """The optimiser whose final validation reward sets a calibration problem's target."""
+        return self.reference or self.optimizers[0].key
 
 
 class _FieldError(ValueError):

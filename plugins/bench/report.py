@@ -42,25 +42,39 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def build_report(config: BenchConfig, runs: Sequence[RunData], bench_dir: Path,
-                 failed: Sequence[str] = ()) -> dict[str, Any]:
-    """Write report.md, the PNGs, ert.csv and summary.json into ``bench_dir``; return the summary."""
+                 failed: Sequence[str] = (), calibration: Sequence[analysis.CalibrationRun] = ()) -> dict[str, Any]:
+    """Write report.md, the PNGs, ert.csv and summary.json into ``bench_dir``; return the summary.
+    Calibration problems are reported from ``calibration`` (images and validation reward), not
+    with the generic views of ``runs``."""
     optimizers = [spec.key for spec in config.optimizers]
+    runs = [run for run in runs if not run.problem.is_calibration]
     dims = sorted({run.problem.dimension for run in runs})
     reps = analysis.repetitions(runs)
     lines = [f"# Bench report: {config.name or bench_dir.name}", ""]
     functions = len({r.problem.function if r.problem.function_label != r.problem.label else r.problem.label
                      for r in runs})
-    lines += [f"{_plural(functions, 'function')} in {_plural(len(dims), 'dimension')} × "
-              f"{_plural(len(optimizers), 'optimiser')}, {_plural(len(runs), 'finished cell')}"
-              + (f" ({len(failed)} failed: {', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''})"
-                 if failed else "") + ".",
-              _repetition_sentence(reps, any(r.problem.instance is None for r in runs)),
-              f"Same x0 (each problem's), σ = {_fmt(config.sigma) if config.sigma else 'the space default'}, "
-              f"popsize = {config.popsize or '4 + ⌊3 ln d⌋'} and evaluation budget for every optimiser; "
-              f"budgets: {', '.join(b.label for b in config.budgets)}.", ""]
+    if not runs:
+        lines += [f"{_plural(len({r.problem.label for r in calibration}), 'calibration problem')} × "
+                  f"{_plural(len(optimizers), 'optimiser')}, {_plural(len(calibration), 'finished cell')}"
+                  + (f" ({len(failed)} failed: {', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''})"
+                     if failed else "") + ".", ""]
+    else:
+        lines += [f"{_plural(functions, 'function')} in {_plural(len(dims), 'dimension')} × "
+                  f"{_plural(len(optimizers), 'optimiser')}, {_plural(len(runs), 'finished cell')}"
+                  + (f" ({len(failed)} failed: {', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''})"
+                     if failed else "") + ".",
+                  _repetition_sentence(reps, any(r.problem.instance is None for r in runs)),
+                  f"Same x0 (each problem's), σ = {_fmt(config.sigma) if config.sigma else 'the space default'}, "
+                  f"popsize = {config.popsize or '4 + ⌊3 ln d⌋'} and evaluation budget for every optimiser; "
+                  f"budgets: {', '.join(b.label for b in config.budgets)}.", ""]
     if any(r.problem.function is not None and r.problem.function > 100 for r in runs):
         lines[-1:-1] = [NOISY_NOTE]
     summary: dict[str, Any] = {"name": config.name, "optimizers": optimizers, "repetitions": reps, "dimensions": {}}
+    if calibration:
+        summary["calibration"] = {}
+        for label in dict.fromkeys(r.problem.label for r in calibration):
+            lines += _calibration_section(config, [r for r in calibration if r.problem.label == label], bench_dir,
+                                          summary["calibration"])
     all_ert: list[dict[str, Any]] = []
     for d in dims:
         runs_d = [r for r in runs if r.problem.dimension == d]
@@ -111,7 +125,11 @@ def build_report(config: BenchConfig, runs: Sequence[RunData], bench_dir: Path,
               "- `runs/<problem>/<optimiser>/seed-<s>/`: each cell's calibri run directory (`trials.jsonl`, "
               "`config.yaml`, checkpoints).",
               "- `evaluations.csv.gz`: every evaluation, one tidy row each.",
-              f"- `{ERT_CSV}`: ERT and success rate per dimension, function, optimiser and each of the 51 targets.",
+              *([f"- `{ERT_CSV}`: ERT and success rate per dimension, function, optimiser and each of the 51 "
+                 f"targets."] if all_ert else []),
+              *(["- `summary.json` → `calibration`: per calibration problem, the target and every optimiser's "
+                 "images to target per seed, ratios, tests, final values and costs; each cell's "
+                 "`validation.jsonl` holds its validated points."] if calibration else []),
               "- `export/iohprofiler/`: IOHprofiler format for IOHanalyzer; `export/coco/exdata/`: COCO format "
               "for cocopp (BBOB cells in COCO's dimensions).", ""]
     (bench_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
@@ -264,6 +282,119 @@ def _rankings_section(config: BenchConfig, runs: Sequence[RunData], budgets: Seq
                           "possible p, or that times the comparisons after Holm's correction, is above α)."]
         lines.append("")
     return lines
+
+
+def _calibration_section(config: BenchConfig, runs: Sequence[analysis.CalibrationRun], bench_dir: Path,
+                         summary: dict[str, Any]) -> list[str]:
+    """A calibration problem: validation value against training images (median, IQR over seeds),
+    the reference's final value as the target, images to reach it per optimiser and seed, the
+    ratio to the reference with paired sign tests over seeds, final values, costs and wall time."""
+    from .cells import safe
+
+    optimizers = [spec.key for spec in config.optimizers]
+    problem = runs[0].problem
+    reference = config.reference_key
+    target = analysis.calibration_target(runs, reference, config.target)
+    rows = analysis.calibration_comparison(runs, optimizers, reference, target["value"])
+    seeds = sorted({r.seed for r in runs})
+    comparisons = sum(1 for row in rows if not row["reference"] and row.get("untied_fewer") is not None)
+    note = analysis.significance_note(max((row["paired_seeds"] for row in rows), default=0), comparisons)
+    png = _plot_calibration(runs, target["value"], bench_dir / f"calibration-{safe(problem.label)}.png")
+    value_name = "reward" if runs[0].direction == "maximize" else "value"
+    summary[problem.label] = {"target": target, "reference": reference, "rows": rows, "note": note,
+                              "images_per_evaluation": problem.images_per_evaluation,
+                              "images_per_validation": problem.images_per_validation, "png": png.name}
+    per_candidate = sorted({row["images_per_evaluation"] for row in rows if row["images_per_evaluation"]})
+    lines = [f"## Calibration: {problem.label}", "",
+             f"d = {problem.dimension} scales; {_plural(len(seeds), 'seed')} per optimiser; budgets: "
+             f"{', '.join(b.label for b in config.budgets)} (the largest is what every cell runs). **Cost** is "
+             f"training images: every candidate makes bucket size × step counts = "
+             f"{' or '.join(map(str, per_candidate))} images"
+             + (" (per set-up: see the cost table)" if len(per_candidate) > 1 else "") + ". "
+             f"**Score** is the held-out validation {value_name} of the run's selected point (the best "
+             f"validated so far: what the run returns if stopped there). Validation images "
+             f"({problem.images_per_validation} per validated point) pick the result and are counted apart, not "
+             f"as optimiser cost; every set-up validates on the same schedule.", "",
+             f"**Target**: validation {value_name} {_fmt(target['value'], 4)}, {target['how']}"
+             + (f" ({', '.join(_fmt(v, 4) for v in target['reference_finals'])})"
+                if target["reference_finals"] else "") + ".", "",
+             f"![validation {value_name} against training images]({png.name})", "",
+             "### Images to target", "",
+             "Training images until the selected validation value first reaches the target, per seed (∞: not within "
+             "the budget); ERT = images spent by all seeds (a seed that misses spends its whole budget) / seeds that "
+             f"reach it; ratio: per seed, images ÷ {reference}'s images on the same seed (median over seeds where "
+             f"both reach it); sign tests, paired over seeds and two-sided, Holm-corrected over the optimisers: "
+             f"fewer images than {reference}, and fewer than half of {reference}'s (the halving goal). A seed where "
+             f"neither reaches the target is a tie.", ""]
+    if note:
+        lines += [f"> {note}", ""]
+
+    def p_text(row: dict[str, Any], kind: str) -> str:
+        if row["reference"] or row.get(f"untied_{kind}") is None:
+            return "–"
+        wins = row.get("better_final" if kind == "final" else f"wins_{kind}")
+        head = f"{wins}/{row[f'untied_{kind}']}"
+        if note:
+            return f"{head}, n/a"
+        if analysis.smallest_p(row[f"untied_{kind}"]) * max(comparisons, 1) > analysis.ALPHA:
+            return f"{head}, n/a (p ≥ {_fmt(analysis.smallest_p(row[f'untied_{kind}']))})"
+        return f"{head}, p = {_fmt(row[f'p_holm_{kind}'])}"
+
+    lines += _table(["optimiser", "reached", "images to target per seed", "ERT images", "ratio (median)",
+                     "ERT ratio", f"fewer than {reference}: wins/untied, p (Holm)", "< ½: wins/untied, p (Holm)"],
+                    [[row["optimizer"] + (" (ref.)" if row["reference"] else ""),
+                      f"{row['reached']}/{len(row['seeds'])}",
+                      ", ".join(f"s{s}: {_images(v)}" for s, v in row["images_to_target"].items()),
+                      _images(row["ert_images"]), _fmt(row["median_ratio"], 2), _fmt(row["ert_ratio"], 2),
+                      p_text(row, "fewer"), p_text(row, "half")] for row in rows])
+    lines += ["", "### Final validation value and cost", "",
+              f"Per optimiser over its seeds: the final selected validation {value_name} (median [quartiles]); a "
+              f"paired sign test against {reference} on it (seeds where it ends better / untied seeds, Holm "
+              f"p); training and validation images per cell (medians), candidates per cell, and wall-clock "
+              f"(all its cells, and the median cell).", ""]
+    lines += _table(["optimiser", f"final {value_name}", f"better than {reference}: wins/untied, p (Holm)",
+                     "images/candidate", "training images", "validation images", "candidates", "wall s (total)",
+                     "wall s (cell)"],
+                    [[row["optimizer"] + (" (ref.)" if row["reference"] else ""),
+                      f"{_fmt(row['final_median'], 4)} [{_fmt(row['final_q25'], 4)}, {_fmt(row['final_q75'], 4)}]",
+                      p_text(row, "final"), str(row["images_per_evaluation"]), str(row["training_images"]),
+                      str(row["validation_images"]), str(row["evaluations"]), f"{row['wall_seconds']:.0f}",
+                      f"{row['wall_seconds_median']:.0f}"] for row in rows])
+    return lines + [""]
+
+
+def _images(value: float) -> str:
+    return "∞" if not math.isfinite(value) else f"{value:.0f}"
+
+
+def _plot_calibration(runs: Sequence[analysis.CalibrationRun], target: float | None, path: Path) -> Path:
+    """Selected validation value against training images: median line and inter-quartile band over
+    seeds per optimiser, the target dashed."""
+    plt = _plt()
+    longest = max(len(run.best) for run in runs)
+    curves = analysis.convergence(runs, longest)
+    x = np.arange(1, longest + 1)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    to_value = runs[0].reward
+    for i, (optimizer, (q25, q50, q75)) in enumerate(curves.items()):
+        finite = np.isfinite(q50)
+        colour = f"C{i % 10}"
+        ax.plot(x[finite], [to_value(v) for v in q50[finite]], color=colour, lw=1.2, label=optimizer)
+        both = finite & np.isfinite(q25) & np.isfinite(q75)
+        ax.fill_between(x[both], [to_value(v) for v in q25[both]], [to_value(v) for v in q75[both]], color=colour,
+                        alpha=0.2, lw=0)
+    if target is not None:
+        ax.axhline(target, color="k", ls="--", lw=0.8, label="target")
+    ax.set_xlabel("training images")
+    ax.set_ylabel("selected validation " + ("reward" if runs[0].direction == "maximize" else "value"))
+    seeds = len({run.seed for run in runs})
+    ax.set_title(f"{runs[0].problem.label}: median and IQR over {seeds} seed{'s' if seeds != 1 else ''}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _json_default(value: Any) -> Any:

@@ -17,7 +17,7 @@ from calibri.core.executors import available_cores, limit_threads, resolve_threa
 from .cells import Cell
 
 #: Run-config keys that must match for an existing run directory to count as this cell.
-IDENTITY_KEYS = ("seed", "objective", "optimizer", "plugins")
+IDENTITY_KEYS = ("seed", "objective", "optimizer", "validation", "plugins")
 
 
 @dataclass
