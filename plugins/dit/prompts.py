@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,20 +120,28 @@ def _registered_source(text: str, field: str) -> PromptSet | None:
     return result
 
 
-def _jsonl(path: Path, content: str, field: str) -> tuple[list[str], list[dict[str, Any]]]:
-    prompts, metadata = [], []
-    for number, line in enumerate(content.splitlines(), start=1):
+def jsonl_rows(path: Path, lines: Iterable[str], field: str, *, non_empty: bool = True) -> list[dict[str, Any]]:
+    """The objects of a prompt ``.jsonl`` file, each with a string ``prompt`` (non-empty unless
+    ``non_empty`` is off); blank lines skipped; a bad line is one error naming it."""
+    rows = []
+    wanted = "a non-empty string" if non_empty else "a string"
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ConfigError(field, f"{path}:{number}: not valid JSON: {exc.msg}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-            raise ConfigError(field, f"{path}:{number}: expected an object with a non-empty string 'prompt'")
-        prompts.append(record["prompt"])
-        metadata.append({k: v for k, v in record.items() if k != "prompt"})
-    return prompts, metadata
+        if (not isinstance(row, dict) or not isinstance(row.get("prompt"), str)
+                or (non_empty and not row["prompt"].strip())):
+            raise ConfigError(field, f"{path}:{number}: expected an object with {wanted} 'prompt'")
+        rows.append(row)
+    return rows
+
+
+def _jsonl(path: Path, content: str, field: str) -> tuple[list[str], list[dict[str, Any]]]:
+    rows = jsonl_rows(path, content.splitlines(), field)
+    return [row["prompt"] for row in rows], [{k: v for k, v in row.items() if k != "prompt"} for row in rows]
 
 
 def image_seed(seed: int, index: int) -> int:

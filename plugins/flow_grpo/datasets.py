@@ -19,7 +19,6 @@ whole spec is tried as a folder first.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -109,20 +108,10 @@ def read_text(path: Path, field: str) -> tuple[list[str], list[dict[str, Any]]]:
 
 def read_jsonl(path: Path, field: str) -> tuple[list[str], list[dict[str, Any]]]:
     """``{split}_metadata.jsonl``: one object per line; the whole row is the metadata."""
-    prompts: list[str] = []
-    rows: list[dict[str, Any]] = []
-    for number, line in enumerate(_open_lines(path, field), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(field, f"{path}:{number}: not valid JSON: {exc.msg}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ConfigError(field, f"{path}:{number}: expected an object with a string 'prompt'")
-        prompts.append(row["prompt"])
-        rows.append(row)
-    return prompts, rows
+    from calibri.plugins.dit.prompts import jsonl_rows
+
+    rows = jsonl_rows(path, _open_lines(path, field), field, non_empty=False)
+    return [row["prompt"] for row in rows], rows
 
 
 __all__ = ["DEFAULT_SPLIT", "FORMATS", "SCHEME", "load_flowgrpo", "parse_spec", "read_jsonl", "read_text"]
