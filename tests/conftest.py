@@ -113,3 +113,13 @@ def prompt_files(tmp_path_factory) -> tuple[Path, Path]:
     return train, val
 
 
+@pytest.fixture
+def no_installed_plugins(monkeypatch):
+    """Only calibri's built-ins and the test's own plugin modules: installed third-party plugins
+    must not leak into a test that counts or names registrations."""
+    from calibri.core import plugins
+
+    monkeypatch.setenv("CALIBRI_PLUGINS", "")
+    plugins.reset_registry()
+    yield
+    plugins.reset_registry()

@@ -20,13 +20,10 @@ import numpy as np
 from calibri.core.hookspecs import hookimpl
 from calibri.core.objective import EvalResult, Objective, RoundContext
 from calibri.core.space import Float, Params, Space
+from helpers_objectives import _claim, _sphere, read_builds, read_closes  # noqa: F401  (read_* for the tests)
 
 #: Longest any objective here waits on a file, in seconds (a test that forgets one still ends).
 WAIT_LIMIT = 120
-
-
-def _sphere(params: Params) -> float:
-    return float(sum(float(v) ** 2 for v in params.values()))
 
 
 def _noise(params: Params, seed: int) -> float:
@@ -59,15 +56,6 @@ def held_round_1(params: Params, ctx: RoundContext) -> float:
         Path(f"busy-{os.getpid()}").write_text("")
         _wait_while(HOLD_ROUND_1)
     return _sphere(params) + 0.2 * _noise(params, ctx.seed)
-
-
-def _claim(path: Path) -> bool:
-    """True for exactly one caller across processes."""
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
-    except FileExistsError:
-        return False
 
 
 class DaskProbe(Objective):
@@ -115,14 +103,6 @@ class DaskProbe(Objective):
 
 def probe_space(dim: int = 2, **_: Any) -> Space:
     return Space(Float(f"x[{i}]", -2.0, 2.0, init=1.0) for i in range(dim))
-
-
-def read_builds(marker_dir: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(Path(marker_dir).glob("build-*.json"))]
-
-
-def read_closes(marker_dir: str | Path) -> list[str]:
-    return sorted(p.name for p in Path(marker_dir).glob("close-*"))
 
 
 @hookimpl

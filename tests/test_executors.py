@@ -20,13 +20,8 @@ from helpers_objectives import read_builds, read_closes
 
 
 @pytest.fixture(autouse=True)
-def _no_installed_plugins(monkeypatch):
-    from calibri.core import plugins
-
-    monkeypatch.setenv("CALIBRI_PLUGINS", "")
-    plugins.reset_registry()
-    yield
-    plugins.reset_registry()
+def _no_installed_plugins(no_installed_plugins):
+    """Every test of this module runs with only the built-in and the test's plugins."""
 
 
 def run(run_dir: Path, *, objective: dict, optimizer: str = "nevergrad.cma", rounds: int = 3, popsize: int = 5,

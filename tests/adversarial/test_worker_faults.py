@@ -35,13 +35,8 @@ DIED = "worker process died while evaluating this candidate"
 
 
 @pytest.fixture(autouse=True)
-def _no_installed_plugins(monkeypatch):
-    from calibri.core import plugins
-
-    monkeypatch.setenv("CALIBRI_PLUGINS", "")
-    plugins.reset_registry()
-    yield
-    plugins.reset_registry()
+def _no_installed_plugins(no_installed_plugins):
+    """Every test of this module runs with only the built-in and the test's plugins."""
 
 
 def faulty(marker_dir: Path, **options) -> dict:
