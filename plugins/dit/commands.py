@@ -165,6 +165,13 @@ def _check_output(out: Path, overwrite: bool, keep: list[Path]) -> None:
         for path in keep:
             if path.exists() and (path.resolve() == target or target in path.resolve().parents):
                 raise UserError(f"-o/--output: {out} is or holds {path}, which baking reads; choose another folder")
+    check_creatable(out)
+
+
+def check_creatable(out: Path) -> None:
+    """``out`` can be made: its nearest existing ancestor is a folder (one line naming it if not)."""
+    from calibri.core.errors import UserError
+
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():

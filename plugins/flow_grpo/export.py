@@ -146,11 +146,9 @@ def check_output(out: Path, sources: tuple[Path, ...] = ()) -> None:
     for source in sources:
         if source.resolve() in target.parents:
             raise UserError(f"-o/--output: {out} is inside {source}, which the export copies; choose another folder")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"-o/--output: {parent} is a file, so {out} cannot be created")
-            break
+    from calibri.plugins.dit.commands import check_creatable
+
+    check_creatable(out)
 
 
 def stored_dtype(transformer_folder: Path) -> Any:
