@@ -46,13 +46,15 @@ def test_precision_is_zero_at_the_optimum(function):
     assert result.metrics["precision"] > 0
 
 
-@pytest.mark.parametrize("function,dimension", [(1, 10), (2, 2), (17, 5), (24, 40)])
-def test_coco_values_equal_cocoex_and_match_ioh(function, dimension):
+@pytest.mark.parametrize("function,dimension,instance", [(1, 10, 1), (2, 2, 1), (17, 5, 9), (24, 40, 15), (3, 10, 11)])
+def test_coco_values_equal_cocoex_and_match_ioh(function, dimension, instance):
+    """Instances 6-15 included: COCO's convention runs instances 1-15, which its default suite lacks."""
     cocoex = pytest.importorskip("cocoex")
-    obj = objective(function=function, dimension=dimension, library="coco")
-    suite = cocoex.Suite("bbob", "", f"function_indices:{function} dimensions:{dimension} instance_indices:1")
-    problem = suite.get_problem_by_function_dimension_instance(function, dimension, 1)
-    reference = objective(function=function, dimension=dimension)
+    obj = objective(function=function, dimension=dimension, instance=instance, library="coco")
+    suite = cocoex.Suite("bbob", f"instances:{instance}", f"function_indices:{function} dimensions:{dimension}")
+    problem = suite.get_problem_by_function_dimension_instance(function, dimension, instance)
+    assert problem.id == f"bbob_f{function:03d}_i{instance:02d}_d{dimension:02d}"
+    reference = objective(function=function, dimension=dimension, instance=instance)
     xs = np.random.default_rng(0).uniform(-5, 5, (3, dimension))
     results = obj.evaluate([params(x) for x in xs], CTX)
     for x, result, via_ioh in zip(xs, results, reference.evaluate([params(x) for x in xs], CTX)):

@@ -94,8 +94,10 @@ def coco_problem(function: int, dimension: int, instance: int) -> tuple[Any, Any
     import cocoex
 
     index = function - 100 if function in NOISY else function  # bbob-noisy numbers its functions 1..30
-    suite = cocoex.Suite(coco_suite_name(function), "", f"function_indices:{index} dimensions:{dimension} "
-                                                         f"instance_indices:{instance}")
+    # Instances by number: the suite's default instance list (a given year's) skips 6-70, so
+    # ``instance_indices`` would pick another instance than the one named, or none.
+    suite = cocoex.Suite(coco_suite_name(function), f"instances:{instance}",
+                         f"function_indices:{index} dimensions:{dimension}")
     return suite, suite.get_problem_by_function_dimension_instance(function, dimension, instance)
 
 
