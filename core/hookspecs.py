@@ -70,5 +70,16 @@ def calibri_register_prompt_sources(register):
 
 
 @hookspec
+def calibri_register_pipeline_families(register):
+    """Register how calibri drives a diffusers pipeline class: ``register(pipeline_class_name,
+    family, *, description="")``.
+
+    ``family`` is a :class:`calibri.plugins.dit.generation.Family`: how one prompt is encoded
+    (once, then reused), the guidance argument, the negative arguments and the default negative
+    prompt. A pipeline is matched by the class names of its MRO, so a subclass inherits its base's
+    family."""
+
+
+@hookspec
 def calibri_register_commands(register):
     """Register CLI commands: ``register(command)`` with a :class:`click.Command`."""

@@ -48,10 +48,11 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 #: Registry kinds, one per ``calibri_register_<kind>`` hook.
 KINDS: tuple[str, ...] = (
     "optimizers", "objectives", "spaces", "executors", "rewards", "architectures", "callbacks", "prompt_sources",
-    "commands",
+    "pipeline_families", "commands",
 )
 
-_SINGULAR = {kind: kind[:-1] for kind in KINDS}
+#: One item of each kind, for messages ("unknown optimizer 'x'").
+SINGULAR: dict[str, str] = {kind: kind.removesuffix("ies") + "y" if kind.endswith("ies") else kind[:-1] for kind in KINDS}
 
 
 class PluginWarning(UserWarning):
@@ -117,7 +118,7 @@ class Registry:
         kind, name, plugin = registration.kind, registration.name, registration.plugin
         if name in self._items[kind]:
             first = self._items[kind][name].plugin
-            warnings.warn(f"calibri: plugin {plugin!r} registers {_SINGULAR[kind]} {name!r}, already registered by "
+            warnings.warn(f"calibri: plugin {plugin!r} registers {SINGULAR[kind]} {name!r}, already registered by "
                           f"{first!r}; keeping {first!r}'s", PluginWarning, stacklevel=3)
             return
         self._items[kind][name] = registration
@@ -134,8 +135,8 @@ class Registry:
             return self._items[kind][name]
         except KeyError:
             available = ", ".join(self.names(kind)) or "none"
-            raise ConfigError(field_path or f"{_SINGULAR[kind]}",
-                              f"unknown {_SINGULAR[kind]} {name!r} (available: {available})") from None
+            raise ConfigError(field_path or f"{SINGULAR[kind]}",
+                              f"unknown {SINGULAR[kind]} {name!r} (available: {available})") from None
 
     def plugins(self) -> dict[str, dict[str, list[str]]]:
         """Per plugin, what it registered: ``{plugin: {kind: [names]}}``."""
@@ -225,6 +226,6 @@ def build_from(registration: Registration, call: Callable[..., Any], *args: Any,
         return call(*args, **kwargs)
     except ModuleNotFoundError as exc:
         from .errors import PluginError
-        raise PluginError(f"{_SINGULAR[registration.kind]} {registration.name!r} needs the package "
+        raise PluginError(f"{SINGULAR[registration.kind]} {registration.name!r} needs the package "
                           f"{exc.name!r}, which is not installed (try: pip install 'calibri[all]')") from None
 

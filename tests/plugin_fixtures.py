@@ -1,8 +1,8 @@
 """A plugin implementing every calibri hook, for the plugin and hook tests.
 
 Register it with ``add_plugin_modules("plugin_fixtures")`` (or ``plugins: [plugin_fixtures]`` in a
-run config). Every name it registers starts with ``fixture.``; :data:`REGISTERED` lists them by
-kind. :data:`EVENTS` records what its callback, executor and stream saw, so tests can check the
+run config). Every name it registers starts with ``fixture.`` (but the command's, and the pipeline
+family's, which is a class name); :data:`REGISTERED` lists them by kind. :data:`EVENTS` records what its callback, executor and stream saw, so tests can check the
 run loop called them.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from calibri.plugins.dit.adapters import Adapter
+from calibri.plugins.dit.family import Family
 from calibri.plugins.dit.sites import Gate, GateRef
 import numpy as np
 
@@ -34,6 +35,7 @@ REGISTERED: dict[str, list[str]] = {
     "architectures": ["fixture.architecture"],
     "callbacks": ["fixture.callback"],
     "prompt_sources": ["fixture.prompts"],
+    "pipeline_families": ["FixturePipeline"],
     "commands": ["fixture-hello"],
 }
 
@@ -205,6 +207,22 @@ def fixture_prompt_source(rest: str, field: str) -> Any:
                      f"fixture.prompts:{rest}")
 
 
+# -- pipeline families -------------------------------------------------------------------------
+class FixturePipeline:
+    """A stand-in pipeline class (its family is found by its name, and its subclasses' by their MRO)."""
+
+
+def fixture_encode(pipe: Any, prompt: str, device: Any) -> dict[str, Any]:
+    """One embedding row per character of the prompt, each holding the prompt's length."""
+    import torch
+
+    return {"prompt_embeds": torch.full((1, len(prompt), 2), float(len(prompt)))}
+
+
+FIXTURE_FAMILY = Family(fixture_encode, "fixture_guidance", {"prompt_embeds": "negative_prompt_embeds"},
+                        default_negative="none")
+
+
 # -- commands ----------------------------------------------------------------------------------
 @click.command("fixture-hello")
 @click.argument("name", default="world")
@@ -253,6 +271,11 @@ def calibri_register_callbacks(register):
 @hookimpl
 def calibri_register_prompt_sources(register):
     register("fixture.prompts", fixture_prompt_source)
+
+
+@hookimpl
+def calibri_register_pipeline_families(register):
+    register("FixturePipeline", FIXTURE_FAMILY, description="fixture family")
 
 
 @hookimpl

@@ -26,6 +26,8 @@ MODELS = {
     "sd3.5-medium.json": ("SD3Transformer2DModel", 2.5e9),
     "sd3.5-large.json": ("SD3Transformer2DModel", 8.1e9),
     "qwen-image.json": ("QwenImageTransformer2DModel", 20e9),
+    "sana-1600m-1024px.json": ("SanaTransformer2DModel", 1.6e9),
+    "chroma1-hd.json": ("ChromaTransformer2DModel", 8.9e9),
 }
 
 #: relative tolerance on the size

@@ -289,10 +289,24 @@ def _check_prompt_source(registration):
     assert caught.value.field == "objective.options.prompts"
 
 
+def _check_pipeline_family(registration):
+    """The documented family is for a diffusers pipeline, and every argument it sets is one of
+    that pipeline's ``__call__``."""
+    diffusers = pytest.importorskip("diffusers")
+    from calibri.plugins.dit.family import Family
+
+    family = registration.factory
+    assert isinstance(family, Family) and callable(family.encode)
+    parameters = set(inspect.signature(getattr(diffusers, registration.name).__call__).parameters)
+    assert set(family.arguments) <= parameters, set(family.arguments) - parameters
+    assert set(family.masks) <= set(family.negatives) | set(family.negatives.values())
+
+
 DOC_EXAMPLE_CHECKS = {
     "optimizers": _check_optimizer, "objectives": _check_objective, "spaces": _check_space,
     "executors": _check_executor, "rewards": _check_reward, "architectures": _check_architecture,
-    "callbacks": _check_callback, "prompt_sources": _check_prompt_source, "commands": _check_command,
+    "callbacks": _check_callback, "prompt_sources": _check_prompt_source,
+    "pipeline_families": _check_pipeline_family, "commands": _check_command,
 }
 
 
@@ -391,6 +405,25 @@ def test_prompt_sources_hook(registry, tmp_path, monkeypatch):
             load_prompts(spec, field)
         assert caught.value.field == field and message in caught.value.message, caught.value.message
         assert "\n" not in str(caught.value)
+
+
+@exercises("calibri_register_pipeline_families")
+def test_pipeline_families_hook(registry):
+    """A registered family is found by the pipeline's class name or a base's, encodes the
+    negative prompt under the negative names, and an unknown pipeline names the hook."""
+    from calibri.plugins.dit.family import UnknownPipeline, family_of
+
+    (registration,) = _registered(registry, "pipeline_families")
+    assert registration.factory is plugin_fixtures.FIXTURE_FAMILY and registration.description == "fixture family"
+    derived = type("DerivedPipeline", (plugin_fixtures.FixturePipeline,), {})
+    assert family_of(plugin_fixtures.FixturePipeline()) is family_of(derived()) is plugin_fixtures.FIXTURE_FAMILY
+    negative = registration.factory.encode_the_negative(None, "none", "cpu")
+    assert list(negative) == ["negative_prompt_embeds"] and negative["negative_prompt_embeds"].shape == (1, 4, 2)
+    assert "SanaPipeline" in registry.names("pipeline_families")  # the built-ins register through the same hook
+    with pytest.raises(UnknownPipeline) as caught:
+        family_of(object())
+    message = str(caught.value)
+    assert "calibri_register_pipeline_families" in message and "FixturePipeline" in message and "\n" not in message
 
 
 @exercises("calibri_register_commands")

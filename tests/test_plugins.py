@@ -13,7 +13,7 @@ from calibri.core import plugins
 from calibri.core.errors import ConfigError
 from calibri.core.hookspecs import hookimpl
 from calibri.core.plugins import (
-    DEFAULT_PLUGINS, ENTRY_POINT_GROUP, KINDS, PluginWarning, Registry, add_plugin_modules, build_manager,
+    DEFAULT_PLUGINS, ENTRY_POINT_GROUP, KINDS, SINGULAR, PluginWarning, Registry, add_plugin_modules, build_manager,
     get_registry, reset_registry,
 )
 
@@ -286,7 +286,9 @@ def test_unknown_name_lookups_raise_a_config_error_listing_available_names():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_unknown_names_of_every_kind_are_config_errors(kind):
-    with pytest.raises(ConfigError, match=rf"^{kind[:-1]}: unknown {kind[:-1]} 'no-such-thing' \(available: "):
+    singular = SINGULAR[kind]
+    assert not singular.endswith("s") and not singular.endswith("ie"), singular
+    with pytest.raises(ConfigError, match=rf"^{singular}: unknown {singular} 'no-such-thing' \(available: "):
         get_registry().get(kind, "no-such-thing")
 
 

@@ -26,8 +26,12 @@ class Adapter:
     #: prompt; guidance-distilled models) or ``cfg`` (copy 0 conditional, copy 1 unconditional).
     default_form: ClassVar[Form] = "cfg"
     #: True when the stock pipeline batches CFG as [unconditional; conditional] in one call
-    #: (Stable Diffusion 3); False when it makes separate calls under ``cache_context``.
+    #: (Stable Diffusion 3, PixArt, Sana); False when it makes separate calls under
+    #: ``cache_context("cond")`` / ``("uncond")`` (Qwen-Image).
     cfg_batched: ClassVar[bool] = False
+    #: True when the stock pipeline makes separate calls without ``cache_context``: the
+    #: conditional call, then the unconditional one on the same latents tensor (Chroma).
+    cfg_sequential: ClassVar[bool] = False
     #: True when the stock pipeline rescales the guided velocity to the norm of the conditional
     #: call's output (Qwen-Image): there only the direction of ω0·v_c + ω1·v_u can be set.
     cfg_renormalized: ClassVar[bool] = False
@@ -132,6 +136,7 @@ class PixArtAdapter(Adapter):
 
     name = "pixart"
     model_classes = ("PixArtTransformer2DModel",)
+    cfg_batched = True
 
     def gates(self, model: Any) -> list[Gate]:
         out: list[Gate] = []
@@ -145,6 +150,63 @@ class PixArtAdapter(Adapter):
         return out
 
 
+def _branch(module: str, linear: str) -> GateRef:
+    """A branch whose whole output is scaled (a tensor output), folded into ``linear``'s rows."""
+    return GateRef(module, None, 0, 1, linear, 0, 1)
+
+
+class SanaAdapter(Adapter):
+    """Sana (``SanaTransformerBlock``): like PixArt, its gates are a parameter table plus the
+    timestep embedding, so the branch outputs are scaled — the gated linear self-attention, the
+    ungated cross-attention and the gated Mix-FFN — and folded into each branch's last projection
+    (the FFN's is a 1x1 convolution, ``ff.conv_point``). The pipeline batches CFG and passes the
+    scheduler's timesteps (0–1000)."""
+
+    name = "sana"
+    model_classes = ("SanaTransformer2DModel",)
+    cfg_batched = True
+
+    def gates(self, model: Any) -> list[Gate]:
+        out: list[Gate] = []
+        for i, block in enumerate(model.transformer_blocks):
+            base = f"transformer_blocks.{i}"
+            out.append(Gate("block", i, "img", "attn", _branch(f"{base}.attn1", f"{base}.attn1.to_out.0")))
+            if getattr(block, "attn2", None) is not None:
+                out.append(Gate("block", i, "img", "cross", _branch(f"{base}.attn2", f"{base}.attn2.to_out.0")))
+            out.append(Gate("block", i, "img", "mlp", _branch(f"{base}.ff", f"{base}.ff.conv_point")))
+        return out
+
+
+class ChromaAdapter(Adapter):
+    """Chroma (FLUX-derived, de-distilled): FLUX's block layout, but every modulation comes from
+    one shared approximator, so no per-block Linear produces a gate. The gates are scaled where the
+    pruned AdaLN norms return them and folded into the gated branch's output projection (image and
+    text attention, image and text MLP; the single-stream block's ``proj_out``). True CFG runs
+    the conditional and unconditional calls one after the other, without ``cache_context``; the
+    timestep is divided by 1000."""
+
+    name = "chroma"
+    model_classes = ("ChromaTransformer2DModel",)
+    cfg_sequential = True
+    timestep_max = 1.0
+
+    def gates(self, model: Any) -> list[Gate]:
+        out: list[Gate] = []
+        outputs = {("img", "attn"): "attn.to_out.0", ("img", "mlp"): "ff.net.2",
+                   ("txt", "attn"): "attn.to_add_out", ("txt", "mlp"): "ff_context.net.2"}
+        for i, _ in enumerate(model.transformer_blocks):
+            base = f"transformer_blocks.{i}"
+            for stream, norm in (("img", "norm1"), ("txt", "norm1_context")):
+                # The pruned AdaLayerNormZero returns (x, gate_msa, shift_mlp, scale_mlp, gate_mlp).
+                for branch, index in (("attn", 1), ("mlp", 4)):
+                    ref = GateRef(f"{base}.{norm}", index, 0, 1, f"{base}.{outputs[stream, branch]}", 0, 1)
+                    out.append(Gate("double", i, stream, branch, ref))
+        for i, _ in enumerate(model.single_transformer_blocks):
+            base = f"single_transformer_blocks.{i}"
+            out.append(Gate("single", i, None, None, GateRef(f"{base}.norm", 1, 0, 1, f"{base}.proj_out", 0, 1)))
+        return _ordered(out)
+
+
 _BRANCH_ORDER = {"attn": 0, "attn2": 1, "cross": 2, "mlp": 3, None: 4}
 _STREAM_ORDER = {"img": 0, "txt": 1, None: 2}
 
@@ -156,4 +218,5 @@ def _ordered(gates: list[Gate]) -> list[Gate]:
     return sorted(gates, key=lambda g: (group_rank[g.group], g.index, _BRANCH_ORDER[g.branch], _STREAM_ORDER[g.stream]))
 
 
-BUILT_IN_ADAPTERS: tuple[type[Adapter], ...] = (FluxAdapter, SD3Adapter, QwenImageAdapter, PixArtAdapter)
+BUILT_IN_ADAPTERS: tuple[type[Adapter], ...] = (FluxAdapter, SD3Adapter, QwenImageAdapter, PixArtAdapter,
+                                                SanaAdapter, ChromaAdapter)

@@ -127,6 +127,7 @@ def _ensemble_hook_class() -> type:
         def __init__(self, calibrator: "Calibrator") -> None:
             super().__init__()
             self.calibrator = calibrator
+            self._cond_latents: Any = None  # the last conditional call's latents (cfg_sequential)
 
         def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
             cal = self.calibrator
@@ -162,6 +163,16 @@ def _ensemble_hook_class() -> type:
             dtype = _sample_of(outputs).dtype
             return _with_sample(outputs, total.to(dtype))
 
+        def _sequential_call(self, args: Any, kwargs: Any) -> str:
+            """Conditional, unless it is the second call on the latents tensor the conditional
+            call had (the unconditional call of the same step)."""
+            latents = kwargs.get("hidden_states", args[0] if args else None)
+            if latents is not None and latents is self._cond_latents:
+                self._cond_latents = None
+                return "uncond"
+            self._cond_latents = latents
+            return "cond"
+
         def _cfg(self, forward: Any, state: ScaleState, omega: Sequence[float], args: Any, kwargs: Any) -> Any:
             g = self.calibrator.guidance_scale
             if self.calibrator.adapter.cfg_renormalized and omega[0] != 0.0:
@@ -172,6 +183,8 @@ def _ensemble_hook_class() -> type:
             else:
                 cond_factor, uncond_factor = omega[0] / g, omega[1] / (1.0 - g)
             name = self.call_name()
+            if name is None and self.calibrator.adapter.cfg_sequential:
+                name = self._sequential_call(args, kwargs)
             if name in ("cond", "uncond"):
                 row, factor = (0, cond_factor) if name == "cond" else (1, uncond_factor)
                 state.row = row
@@ -182,7 +195,8 @@ def _ensemble_hook_class() -> type:
                 return _with_sample(out, _weighted(_sample_of(out), factor))
             if not self.calibrator.adapter.cfg_batched:
                 raise RuntimeError("Calibri cfg ensemble: the pipeline did not say which call is conditional "
-                                   "(no cache_context) and this architecture does not batch CFG")
+                                   "(no cache_context) and this architecture neither batches CFG nor sets "
+                                   "cfg_sequential")
             latents = kwargs.get("hidden_states", args[0] if args else None)
             batch = latents.shape[0]
             if batch % 2:

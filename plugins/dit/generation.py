@@ -6,74 +6,23 @@ batch), and kept; each candidate, round and validation then calls the pipeline w
 so the text encoders run a few hundred times instead of tens of thousands, and can be moved off
 the accelerator once every prompt is encoded (``text_encoders_to_cpu``).
 
-The pipeline families differ only in what ``encode_prompt`` returns and in the name of the
-guidance argument; :data:`FAMILIES` holds that, by pipeline class.
+The pipeline families differ in what ``encode_prompt`` returns and in the name of the guidance
+argument: a :class:`Family` says it, registered per pipeline class through the
+``calibri_register_pipeline_families`` hook (calibri's own families register through it too).
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .compat import execution_device
+from .family import Family, family_of
 from .prompts import image_seed
 
-
-@dataclass(frozen=True)
-class Family:
-    """How to encode prompts and pass guidance for one kind of pipeline.
-
-    ``encode(pipe, prompt, device)`` returns the pipeline keyword arguments of one prompt's
-    encoding. Where the family has classifier-free guidance, ``negatives`` renames those of the
-    negative prompt's encoding into the pipeline's negative arguments: the negative prompt is
-    encoded once, the same way as any prompt, and shared by every image.
-    """
-
-    encode: Callable[[Any, str, torch.device], dict[str, torch.Tensor]]
-    guidance_argument: str
-    negatives: Mapping[str, str] = field(default_factory=dict)
-    default_negative: str = ""
-    #: Names of tensors that are per-token masks (padded with zeros when prompts differ in length).
-    masks: tuple[str, ...] = ()
-
-    @property
-    def has_cfg(self) -> bool:
-        return bool(self.negatives)
-
-
-def _encode_sd3(pipe: Any, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
-    kwargs: dict[str, Any] = {"prompt": prompt, "device": device, "do_classifier_free_guidance": False}
-    if "prompt_2" in _parameters(pipe.encode_prompt):
-        kwargs.update(prompt_2=None, prompt_3=None)
-    embeds, _, pooled, _ = pipe.encode_prompt(**kwargs)
-    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-
-
-def _encode_flux(pipe: Any, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
-    embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device)
-    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-
-
-def _encode_qwen(pipe: Any, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
-    embeds, mask = pipe.encode_prompt(prompt=prompt, device=device)
-    if mask is None:  # None means "no padding": make it explicit so prompts of any length batch
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-    return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
-
-
-_SD3_NEGATIVES = {"prompt_embeds": "negative_prompt_embeds", "pooled_prompt_embeds": "negative_pooled_prompt_embeds"}
-FAMILIES: dict[str, Family] = {
-    "StableDiffusion3Pipeline": Family(_encode_sd3, "guidance_scale", _SD3_NEGATIVES),
-    "ToyFlowPipeline": Family(_encode_sd3, "guidance_scale", _SD3_NEGATIVES),
-    "FluxPipeline": Family(_encode_flux, "guidance_scale"),
-    "QwenImagePipeline": Family(_encode_qwen, "true_cfg_scale",
-                                {"prompt_embeds": "negative_prompt_embeds",
-                                 "prompt_embeds_mask": "negative_prompt_embeds_mask"},
-                                default_negative=" ", masks=("prompt_embeds_mask", "negative_prompt_embeds_mask")),
-}
+__all__ = ["Family", "ImageGenerator", "family_of", "flush_denormals"]
 
 
 def denormals_flushed() -> bool:
@@ -99,17 +48,15 @@ def flush_denormals(enabled: bool = True) -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
-def _parameters(fn: Any) -> set[str]:
+def _default(fn: Any, name: str) -> Any:
+    """The default of ``fn``'s parameter ``name`` (None where it has none, or no such parameter)."""
     import inspect
 
-    return set(inspect.signature(fn).parameters)
-
-
-def family_of(pipe: Any) -> Family:
-    for cls in type(pipe).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__]
-    raise ValueError(f"no prompt-encoding recipe for {type(pipe).__name__} (known: {', '.join(FAMILIES)})")
+    try:
+        parameter = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 class ImageGenerator:
@@ -133,11 +80,15 @@ class ImageGenerator:
         self._last_size: tuple[int, int] | None = None
         self.device = execution_device(pipe)
         self._negative: dict[str, torch.Tensor] = {}
+        #: Arguments every call passes: a ``negative_prompt`` that defaults to a string (PixArt's
+        #: ``""``) is set to None, since the pipeline refuses it beside ``negative_prompt_embeds``.
+        self._fixed: dict[str, Any] = {}
+        if self.family.has_cfg and _default(type(pipe).__call__, "negative_prompt") is not None:
+            self._fixed["negative_prompt"] = None
         if self.family.has_cfg:
             with torch.no_grad():
-                encoded = self.family.encode(pipe, negative_prompt if negative_prompt is not None
-                                             else self.family.default_negative, self.device)
-            self._negative = {self.family.negatives[key]: value for key, value in encoded.items()}
+                self._negative = self.family.encode_the_negative(
+                    pipe, negative_prompt if negative_prompt is not None else self.family.default_negative, self.device)
 
     # -- prompts ----------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> None:
@@ -206,7 +157,8 @@ class ImageGenerator:
             chunk = list(prompts[start : start + self.batch_size])
             generators = [torch.Generator(device="cpu").manual_seed(image_seed(seed, start + j)) for j in range(len(chunk))]
             kwargs: dict[str, Any] = {**self._batched(chunk), "num_inference_steps": steps or self.steps,
-                                      "generator": generators, "output_type": "pt", **self.pipeline_options}
+                                      "generator": generators, "output_type": "pt", **self._fixed,
+                                      **self.pipeline_options}
             if self.guidance_scale is not None:
                 kwargs[self.family.guidance_argument] = self.guidance_scale
             if self.height is not None:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,8 @@ def build_on_meta(config: dict[str, Any], source: str | Path | None = None) -> A
     cls = model_class(config, source)
     check_layer_counts(config, source or "model config")
     where = f"{source}: " if source is not None else ""
-    with quiet_loading():  # published configs may carry keys a newer class ignores
+    with quiet_loading(), warnings.catch_warnings():  # published configs may carry keys a newer class ignores
+        warnings.simplefilter("ignore", FutureWarning)  # diffusers' own deprecations inside a class (Chroma)
         try:
             with torch.device("meta"):
                 return cls.from_config(config)
@@ -268,8 +270,8 @@ def pipeline_class(model: str) -> Any:
 
 def pixel_multiple(model: str) -> int | None:
     """What image heights and widths must be multiples of for ``model``, from its configs (no
-    weights): the VAE's downsampling times the transformer's patch (at least 2: FLUX and
-    Qwen-Image pack 2x2 latents). None where the folder does not say (a hub id, no VAE)."""
+    weights): the VAE's downsampling (KL, DC-AE or Qwen-Image's causal VAE) times the transformer's
+    patch (at least 2: FLUX, Chroma and Qwen-Image pack 2x2 latents). None where the folder does not say (a hub id, no VAE)."""
     folder = check_pipeline_source(model)
     if folder is None or not (folder / "vae" / "config.json").is_file():
         return None
@@ -278,8 +280,9 @@ def pixel_multiple(model: str) -> int | None:
                    if (folder / "transformer" / "config.json").is_file() else {})
     if not isinstance(vae, dict) or not isinstance(transformer, dict):
         return None
-    if isinstance(vae.get("block_out_channels"), list) and vae["block_out_channels"]:
-        vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    levels = vae.get("block_out_channels") or vae.get("encoder_block_out_channels")  # KL / DC-AE
+    if isinstance(levels, list) and levels:
+        vae_factor = 2 ** (len(levels) - 1)
     elif isinstance(vae.get("temperal_downsample"), list):
         vae_factor = 2 ** len(vae["temperal_downsample"])
     else:

@@ -49,7 +49,8 @@ MANAGED_ARGUMENTS: dict[str, str | None] = {
     "num_inference_steps": "steps", "height": "height", "width": "width", "negative_prompt": "negative_prompt",
     "prompt": None, "prompt_2": None, "prompt_3": None, "prompt_embeds": None, "pooled_prompt_embeds": None,
     "prompt_embeds_mask": None, "negative_prompt_embeds": None, "negative_pooled_prompt_embeds": None,
-    "negative_prompt_embeds_mask": None, "generator": None, "output_type": None, "return_dict": None,
+    "negative_prompt_embeds_mask": None, "prompt_attention_mask": None, "negative_prompt_attention_mask": None,
+    "generator": None, "output_type": None, "return_dict": None,
 }
 
 
@@ -394,7 +395,7 @@ def check_pipeline_arguments(cls: Any, opts: CalibriOptions, multiple: int | Non
     (when known) and the multiple its image sides must be (when known); errors name the option."""
     import inspect
 
-    from .generation import FAMILIES
+    from .family import family_for, unknown_pipeline_message
 
     for name in ("height", "width"):
         value = getattr(opts, name)
@@ -403,11 +404,16 @@ def check_pipeline_arguments(cls: Any, opts: CalibriOptions, multiple: int | Non
                                                  f"(its VAE and patch size), got {value}")
     if cls is None:
         return
-    family = next((FAMILIES[c.__name__] for c in cls.__mro__ if c.__name__ in FAMILIES), None)
-    guidance = family.guidance_argument if family is not None else None
+    family = family_for(cls)
+    if family is None:
+        raise ConfigError(f"{FIELD}.model", unknown_pipeline_message(cls.__name__))
+    guidance = family.guidance_argument
     if guidance in opts.pipeline_options:
         raise ConfigError(f"{FIELD}.pipeline_options.{guidance}",
                           f"{guidance!r} is set by calibri: use objective.options.guidance_scale")
+    for key in opts.pipeline_options:
+        if key in family.arguments:  # a plugin family's own encoding arguments
+            raise ConfigError(f"{FIELD}.pipeline_options.{key}", f"{key!r} is set by calibri")
     try:
         parameters = inspect.signature(cls.__call__).parameters
     except (TypeError, ValueError):

@@ -13,6 +13,14 @@ def calibri_register_architectures(register):
 
 
 @hookimpl
+def calibri_register_pipeline_families(register):
+    from .families import BUILT_IN_FAMILIES
+
+    for pipeline, (family, description) in BUILT_IN_FAMILIES.items():
+        register(pipeline, family, description=description)
+
+
+@hookimpl
 def calibri_register_commands(register):
     from .commands import bake_command, evaluate_command, sites_command
 

@@ -17,7 +17,8 @@ Pipelines
     spatial factor of 4. ``pipe(prompt=..., num_inference_steps=2, height=32, width=32)`` takes a
     fraction of a second on a CPU and reruns bit-exactly for a fixed generator.
 
-The pipeline's transformer is exactly the matching ``tiny_*_transformer(seed)``.
+The pipeline's transformer is exactly the matching ``tiny_*_transformer(seed)``. PixArt-Σ, Sana and
+Chroma pipelines are in :mod:`calibri.plugins.dit.tiny_extra`.
 """
 from __future__ import annotations
 
