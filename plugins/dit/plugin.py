@@ -23,10 +23,12 @@ def calibri_register_pipeline_families(register):
 @hookimpl
 def calibri_register_commands(register):
     from .commands import bake_command, evaluate_command, sites_command
+    from .official import import_official_command
 
     register(sites_command)
     register(bake_command)
     register(evaluate_command)
+    register(import_official_command)
 
 
 @hookimpl
