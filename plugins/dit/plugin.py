@@ -22,6 +22,7 @@ def calibri_register_pipeline_families(register):
 
 @hookimpl
 def calibri_register_commands(register):
+    from .ablate import ablate_command
     from .commands import bake_command, evaluate_command, sites_command
     from .official import import_official_command
 
@@ -29,6 +30,7 @@ def calibri_register_commands(register):
     register(bake_command)
     register(evaluate_command)
     register(import_official_command)
+    register(ablate_command)
 
 
 @hookimpl
