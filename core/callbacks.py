@@ -18,6 +18,7 @@ class RunInfo:
     total_rounds: int | None
     total_evaluations: int | None
     resumed: bool
+    quiet: bool = False  # ``--quiet``: callbacks show no progress of their own (an end-of-run report's)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def _report(summary: dict) -> None:
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("-o", "--output", "run_dir", type=click.Path(), help="Run directory (default: runs/<name>).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the run directory.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bars: the run's, the report's and model-loading libraries'.")
 def run_command(config_path: str, overrides: tuple[str, ...], run_dir: str | None, overwrite: bool,
                 quiet: bool) -> None:
     """Run the optimisation described by RUN.yaml, with dotted KEY=VALUE overrides."""
@@ -49,7 +49,7 @@ def run_command(config_path: str, overrides: tuple[str, ...], run_dir: str | Non
 @click.option("--rounds", type=click.IntRange(min=1), help="Raise the round budget.")
 @click.option("--evaluations", type=click.IntRange(min=1), help="Raise the evaluation budget.")
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True), help="Raise the wall-time budget.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bars: the run's, the report's and model-loading libraries'.")
 @click.option("--trust-checkpoint", is_flag=True,
               help="Load checkpoints not signed with your key (another user's run directory). Loading a "
                    "checkpoint runs code: only for run directories from someone you trust.")

@@ -42,6 +42,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "calibri.core.executors",
     "calibri.plugins.dask",
     "calibri.core.callbacks",
+    "calibri.plugins.monitoring.plugin",
     "calibri.core.commands",
 )
 

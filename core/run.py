@@ -12,11 +12,12 @@ import copy
 import importlib
 import inspect
 import json
+import os
 import platform
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -137,7 +138,11 @@ def plan(config: RunConfig) -> Plan:
     callbacks = []
     for i, spec in enumerate(config.callbacks):
         reg = registry.get("callbacks", spec.name, f"callbacks.{i}.name")
-        callbacks.append((reg, validate_options(reg.factory, spec.options, f"callbacks.{i}.options")))
+        callback_options = validate_options(reg.factory, spec.options, f"callbacks.{i}.options")
+        check = reg.extras.get("check")
+        if check is not None:  # e.g. a missing optional package: said now, not after the run
+            build_from(reg, check, **callback_options)
+        callbacks.append((reg, callback_options))
 
     space = resolve_space(config, objective, objective_options)
     if space is not None:
@@ -194,10 +199,12 @@ def check_space(space: Space, optimizer: Registration) -> None:
 class Runner:
     """Executes a :class:`Plan` in a run directory (fresh, or resumed from its checkpoint)."""
 
-    def __init__(self, plan_: Plan, store: RunStore, defining: dict[str, Any] | None = None) -> None:
+    def __init__(self, plan_: Plan, store: RunStore, defining: dict[str, Any] | None = None,
+                 quiet: bool = False) -> None:
         self.plan = plan_
         self.config = plan_.config
         self.store = store
+        self.quiet = quiet
         #: the run-defining part of the config as written to config.yaml (what a checkpoint records)
         self.defining = defining if defining is not None else run_defining(plan_.config)
 
@@ -277,7 +284,7 @@ class Runner:
             budget = config.budget
             for cb in callbacks:
                 _call(cb, "on_run_start", RunInfo(str(store.path), direction, state["round"], budget.rounds,
-                                                  budget.evaluations, resume))
+                                                  budget.evaluations, resume, self.quiet))
             started = time.monotonic() - state["elapsed"]
             saved = copy.deepcopy(state)  # the state as of the newest checkpoint
             try:
@@ -416,10 +423,58 @@ def _call(callback: Any, method: str, argument: Any) -> None:
         handler(argument)
 
 
+#: What ``quiet`` puts in the environment for the run's duration: read when a library is imported,
+#: so they reach worker processes (started with this environment) and libraries imported later.
+QUIET_ENVIRONMENT = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+
+@contextlib.contextmanager
+def quiet_libraries(active: bool = True) -> Iterator[None]:
+    """No progress bars from diffusers, transformers and huggingface_hub while the block runs.
+
+    Their switches are process-wide: those already imported are switched off here and restored
+    after; the environment (:data:`QUIET_ENVIRONMENT`) covers worker processes, which the executors
+    start with this process's environment, and libraries first imported during the block (those
+    keep their bars off for the rest of the process)."""
+    if not active:
+        yield
+        return
+    import sys
+
+    saved_env = {name: os.environ.get(name) for name in QUIET_ENVIRONMENT}
+    os.environ.update(QUIET_ENVIRONMENT)
+    restore: list[Callable[[], None]] = []
+    for name in ("diffusers", "transformers"):
+        if name in sys.modules:
+            with contextlib.suppress(Exception):
+                log = importlib.import_module(f"{name}.utils.logging")
+                if log.is_progress_bar_enabled():
+                    log.disable_progress_bar()
+                    restore.append(log.enable_progress_bar)
+    if "huggingface_hub" in sys.modules:
+        with contextlib.suppress(Exception):
+            hub = importlib.import_module("huggingface_hub.utils")
+            if not hub.are_progress_bars_disabled():
+                hub.disable_progress_bars()
+                restore.append(hub.enable_progress_bars)
+    try:
+        yield
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for undo in restore:
+            with contextlib.suppress(Exception):
+                undo()
+
+
 def start_run(config: RunConfig, run_dir: str | Path, overwrite: bool = False,
               quiet: bool = False) -> dict[str, Any]:
     """Validate, create the run directory (config.yaml resolved) and run to the budget.
-    ``quiet`` leaves out the ``progress`` callback (once validated) in this process only."""
+    ``quiet`` leaves out the ``progress`` callback (once validated) in this process only, and
+    silences libraries' progress bars (:func:`quiet_libraries`) while the run lasts."""
     plan_ = plan(config)
     if quiet:
         plan_.drop_callback("progress")
@@ -430,9 +485,9 @@ def start_run(config: RunConfig, run_dir: str | Path, overwrite: bool = False,
     store.check_new(overwrite)  # fail fast, before the objective is built (and before any lock file)
     existed = store.path.exists()
     try:
-        with store.lock():
+        with store.lock(), quiet_libraries(quiet):
             store.check_new(overwrite)  # again, now that no other process can be creating it
-            return Runner(plan_, store, run_defining(resolved)).execute(
+            return Runner(plan_, store, run_defining(resolved), quiet=quiet).execute(
                 resume=False, create=lambda: store.create(dump_config(resolved), overwrite=overwrite))
     finally:
         if not existed and not store.exists():  # rejected before the run began: leave nothing behind
@@ -449,7 +504,7 @@ def resume_run(run_dir: str | Path, budget_overrides: dict[str, Any] | None = No
 
     store = RunStore(run_dir, trust_checkpoints=trust_checkpoint)
     store.require()
-    with store.lock():
+    with store.lock(), quiet_libraries(quiet):
         data = read_yaml(store.config_path)
         if budget_overrides:
             data.setdefault("budget", {}).update(budget_overrides)
@@ -467,4 +522,4 @@ def resume_run(run_dir: str | Path, budget_overrides: dict[str, Any] | None = No
         if checkpoint is None:  # killed before the first checkpoint: start over
             for path in store.optimizer_dir.glob("*"):
                 path.unlink()
-        return Runner(plan_, store).execute(resume=True)
+        return Runner(plan_, store, quiet=quiet).execute(resume=True)

@@ -177,3 +177,45 @@ def test_default_guidance_and_guidance_variants_work_without_a_guidance_option(t
     finally:
         objective.close()
     assert len(rows) == 3 and rows[1].mean != rows[2].mean
+
+
+def test_the_report_says_what_it_evaluated_and_its_cost(run_dir):
+    report = (run_dir / "report.md").read_text()
+    line = next(line for line in report.splitlines() if line.startswith("- this report: "))
+    assert "NFE 1, 2 on 3 of 3 held-out prompts, 3 variants" in line and "budget_fraction 0.25" in line
+
+
+def test_the_report_plan_scales_with_the_run():
+    from calibri.plugins.dit.report import MIN_PROMPTS, plan_report, report_cost
+
+    # a 3-round run of examples/toy.yaml: 15 candidates × 16 prompts × 4 steps per round, 3 validations of 80
+    run = (3 * 15 * 16 + 3 * 80) * 4
+    short = plan_report([4], 80, run, variants=3)
+    assert short.cost <= 0.25 * run and short.nfe == (4,) and short.prompts == 74
+    assert short.cost == report_cost([4], 74, 3, 8, 4)
+    # a 40-round run affords the default NFE ladder too, cheapest first
+    long = plan_report([4], 80, (40 * 15 * 16 + 6 * 80) * 4, variants=3)
+    assert long.nfe == (2, 4, 8, 16) and long.prompts == 80 and long.cost <= 0.25 * long.run_cost
+    # given NFEs are kept, and the prompts shrink to fit, down to the minimum
+    given = plan_report([4], 80, run, variants=3, nfe=[2, 4, 8, 16, 32])
+    assert given.nfe == (2, 4, 8, 16, 32) and given.prompts == MIN_PROMPTS
+    assert "exceeded by what is always evaluated" in given.describe()
+    # given prompts are kept; null budget_fraction: everything, as before
+    assert plan_report([4], 80, run, variants=3, prompts=20).prompts == 20
+    unlimited = plan_report([4], 80, run, variants=3, budget_fraction=None)
+    assert unlimited.nfe == (2, 4, 8, 16) and unlimited.prompts == 80
+    assert plan_report([2, 4], 5, 10, variants=2).prompts == 5  # fewer held-out prompts than the minimum: all
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"prompts": 0}, "callbacks.calibration_report.options.prompts: must be at least 1"),
+    ({"budget_fraction": 0}, "callbacks.calibration_report.options.budget_fraction: must be a positive number"),
+    ({"nfe": []}, "callbacks.calibration_report.options.nfe: step counts must be between"),
+])
+def test_report_options_are_checked_when_the_run_starts(options, message):
+    from calibri.core.errors import ConfigError
+    from calibri.plugins.dit.report import CalibrationReport
+
+    with pytest.raises(ConfigError) as caught:
+        CalibrationReport(**options)
+    assert str(caught.value).startswith(message)
