@@ -71,6 +71,9 @@ class ProgressBar:
 
     on_run_interrupted = on_run_end
 
+    def on_run_failed(self, error: BaseException) -> None:
+        self.on_run_end(None)
+
 
 @hookimpl
 def calibri_register_callbacks(register):

@@ -320,6 +320,9 @@ class Runner:
             except KeyboardInterrupt:
                 self._interrupted(saved, optimizer, space, direction, callbacks)
                 raise
+            except Exception as exc:
+                _failed(callbacks, exc)
+                raise
             state["finished"] = True  # also when resumed after a kill that came before best.json
             store.write_best(self._best_json(state, optimizer, space, direction))
             summary = self._summary(state, optimizer, space, direction)
@@ -421,6 +424,17 @@ def _call(callback: Any, method: str, argument: Any) -> None:
     handler = getattr(callback, method, None)
     if handler is not None:
         handler(argument)
+
+
+def _failed(callbacks: list[Any], error: BaseException) -> None:
+    """The run stopped on an error: let callbacks close what they opened (``on_run_failed``).
+    Best effort: a failure here must not hide the run's own error."""
+    for cb in callbacks:
+        try:
+            _call(cb, "on_run_failed", error)
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"calibri: callback {type(cb).__name__} failed after the run's error: "
+                          f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
 
 
 #: What ``quiet`` puts in the environment for the run's duration: read when a library is imported,

@@ -81,3 +81,22 @@ def test_a_missing_extra_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)
     with pytest.raises(ConfigError, match=r"^callbacks\.mlflow: .*pip install 'calibri\[mlflow\]'"):
         plan(validate(config()))
+
+
+def test_a_failed_run_is_marked_failed(tmp_path):
+    """A run stopped by its errors (on_run_failed) ends its MLflow run as FAILED, not RUNNING,
+    with the rounds it made logged."""
+    from mlflow.tracking import MlflowClient
+
+    from calibri.core.errors import RunFailed
+
+    failing = {**config(rounds=5), "objective": {"name": "python", "options": {
+        "function": "helpers_objectives:always_fails"}},
+        "space": {"x": {"type": "float", "low": -1.0, "high": 1.0, "init": 0.0}}}
+    with pytest.raises(RunFailed, match="max_failure_rate"):
+        start_run(validate(failing), tmp_path / "run", quiet=True)
+    state = json.loads((tmp_path / "run" / "monitoring" / "mlflow.json").read_text())
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    run = client.get_run(state["run_id"])
+    assert run.info.status == "FAILED"
+    assert [(m.step, m.value) for m in client.get_metric_history(state["run_id"], "train/failures")] == [(1, 3.0)]

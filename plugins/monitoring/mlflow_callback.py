@@ -124,6 +124,9 @@ class MlflowLogger:
     def on_run_interrupted(self, summary: Any) -> None:
         self._finish("KILLED")
 
+    def on_run_failed(self, error: BaseException) -> None:
+        self._finish("FAILED")
+
     # -- the MLflow run ---------------------------------------------------------------------------
     def _local_uri(self) -> str:
         folder = (self._run_dir / "mlflow").resolve()

@@ -99,6 +99,9 @@ class TensorBoardLogger:
     def on_run_interrupted(self, summary: Any) -> None:
         self._close()
 
+    def on_run_failed(self, error: BaseException) -> None:
+        self._close()
+
     # -- logging ----------------------------------------------------------------------------------
     def _log_steps(self, upto: int, elapsed: float | None) -> None:
         assert self._follower is not None
