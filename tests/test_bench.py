@@ -62,9 +62,12 @@ def test_the_examples_validate():
 
         config = load_bench(EXAMPLES / name)
         cells = build_cells(config)
-        assert len(config.seeds) >= 3 and cells
+        # repetitions per function: seeds, or COCO's instances with one seed each
+        instances = min(len(p.bbob.instances) if p.bbob else 1 for p in config.problems)
+        assert len(config.seeds) * instances >= 3 and cells
     d10 = load_bench(EXAMPLES / "bench-bbob-d10.yaml")
-    assert len(build_cells(d10)) == 24 * 5 * 5
+    assert d10.seeds == [0] and d10.problems[0].bbob.instances == list(range(1, 16))
+    assert len(build_cells(d10)) == 24 * 15 * 5  # COCO's set-up: 24 functions x 15 instances, 1 run each
     assert {o.name for o in d10.optimizers} == {"nevergrad.cma", "pycma", "optuna.tpe", "optuna.cmaes", "random"}
 
 
