@@ -320,8 +320,8 @@ class Runner:
             except KeyboardInterrupt:
                 self._interrupted(saved, optimizer, space, direction, callbacks)
                 raise
-            except Exception as exc:
-                _failed(callbacks, exc)
+            except Exception as exc:  # let callbacks close what they opened (on_run_failed)
+                _call_each(callbacks, "on_run_failed", exc, "the run's error")
                 raise
             state["finished"] = True  # also when resumed after a kill that came before best.json
             store.write_best(self._best_json(state, optimizer, space, direction))
@@ -354,12 +354,7 @@ class Runner:
             warnings.warn(f"calibri: best.json not updated after the interrupt: {type(exc).__name__}: {exc}",
                           RuntimeWarning, stacklevel=2)
             return
-        for cb in callbacks:
-            try:
-                _call(cb, "on_run_interrupted", summary)
-            except Exception as exc:  # noqa: BLE001
-                warnings.warn(f"calibri: callback {type(cb).__name__} failed after the interrupt: "
-                              f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+        _call_each(callbacks, "on_run_interrupted", summary, "the interrupt")
 
     def _done(self, state: dict[str, Any], started: float) -> bool:
         budget = self.config.budget
@@ -426,14 +421,14 @@ def _call(callback: Any, method: str, argument: Any) -> None:
         handler(argument)
 
 
-def _failed(callbacks: list[Any], error: BaseException) -> None:
-    """The run stopped on an error: let callbacks close what they opened (``on_run_failed``).
-    Best effort: a failure here must not hide the run's own error."""
+def _call_each(callbacks: list[Any], method: str, argument: Any, after: str) -> None:
+    """Every callback's ``method``, when the run has stopped early (``after`` says why). Best
+    effort: a callback's failure is a warning, so that it cannot hide the interrupt or the error."""
     for cb in callbacks:
         try:
-            _call(cb, "on_run_failed", error)
+            _call(cb, method, argument)
         except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"calibri: callback {type(cb).__name__} failed after the run's error: "
+            warnings.warn(f"calibri: callback {type(cb).__name__} failed after {after}: "
                           f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
 
 

@@ -132,18 +132,12 @@ class Sites:
     @classmethod
     def of(cls, options: Mapping[str, Any]) -> "Sites":
         """From the transformer's config on the meta device (no weights are loaded)."""
-        from .models import build_on_meta, transformer_config
-        from .objective import FIELD, CalibriOptions, calibrator_for
+        from .objective import FIELD, meta_calibrator
 
-        opts = CalibriOptions.trusted(options)
-        field = f"{FIELD}.model_config" if opts.transformer_config is not None else f"{FIELD}.model"
-        try:
-            meta = build_on_meta(transformer_config(opts.model, opts.transformer_config))
-        except UserError as exc:
-            raise ConfigError(field, str(exc)) from None
-        calibrator = calibrator_for(meta, opts)
+        meta, calibrator, opts = meta_calibrator(options)
         names = calibrator.site_names
         if not names:
+            field = f"{FIELD}.model_config" if opts.transformer_config is not None else f"{FIELD}.model"
             raise ConfigError(field, f"this {type(meta).__name__} has no Calibri sites to ablate")
         scales = calibrator.parameter_names(with_omega=False)  # row-major: (bucket, copy) × site
         per_site = {site: tuple(scales[row * len(names) + i] for row in range(len(scales) // len(names)))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pydantic
@@ -28,6 +28,9 @@ from calibri.core.errors import ConfigError, UserError
 from calibri.core.objective import EvalResult, Objective, RoundContext
 from calibri.core.options import options_model
 from calibri.core.space import Params, Space
+
+if TYPE_CHECKING:
+    from .calibration import Calibrator
 
 Granularity = Literal["block", "layer", "gate"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -271,8 +274,9 @@ def calibrator_for(transformer: Any, opts: CalibriOptions) -> Any:
         raise ConfigError(FIELD, str(exc)) from None
 
 
-def calibri_space(**options: Any) -> Space:
-    """The search space, from the transformer's config on the meta device (no weights loaded)."""
+def meta_calibrator(options: Mapping[str, Any]) -> tuple[Any, Calibrator, CalibriOptions]:
+    """The transformer built from its config on the meta device (no weights loaded), its calibrator
+    and the checked options; a config that cannot be read is a ``ConfigError`` naming the field."""
     from .models import build_on_meta, transformer_config
 
     opts = CalibriOptions.trusted(options)
@@ -281,7 +285,13 @@ def calibri_space(**options: Any) -> Space:
         meta = build_on_meta(transformer_config(opts.model, opts.transformer_config))
     except UserError as exc:
         raise ConfigError(field, str(exc)) from None
-    return calibrator_for(meta, opts).space(opts.with_omega, opts.sigma, opts.omega_sigma)
+    return meta, calibrator_for(meta, opts), opts
+
+
+def calibri_space(**options: Any) -> Space:
+    """The search space, from the transformer's config on the meta device (no weights loaded)."""
+    _, calibrator, opts = meta_calibrator(options)
+    return calibrator.space(opts.with_omega, opts.sigma, opts.omega_sigma)
 
 
 def check_calibri(**options: Any) -> None:
