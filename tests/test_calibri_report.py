@@ -85,7 +85,23 @@ def test_evaluate_command_on_a_calibration_file(run_dir, toy_dir, prompt_files, 
     assert [r["variant"] for r in rows] == ["baseline", "calibrated"] and rows[0]["n"] == "5"
 
 
+def test_evaluate_max_prompts_is_a_prefix_of_the_held_out_set_and_quiet_is_silent(run_dir, prompt_files, cli, tmp_path):
+    """--max-prompts 2 scores exactly what the first two held-out prompts give on their own (each
+    keeps its seed); --quiet prints no progress lines."""
+    _, val = prompt_files
+    first_two = tmp_path / "first-two.jsonl"
+    first_two.write_text("".join(val.read_text(encoding="utf-8").splitlines(keepends=True)[:2]), encoding="utf-8")
+    quick = cli("evaluate", run_dir, "--steps", "2", "--max-prompts", "2", "--quiet", "-o", tmp_path / "quick", timeout=300)
+    assert quick.returncode == 0, quick.stderr
+    assert "[1/" not in quick.stderr and "steps" not in quick.stderr  # no "[1/2] baseline at 2 steps"
+    alone = cli("evaluate", run_dir, "--steps", "2", "--prompts", first_two, "-o", tmp_path / "alone", timeout=300)
+    assert alone.returncode == 0 and "[1/2] baseline at 2 steps" in alone.stderr
+    rows = [list(csv.DictReader((tmp_path / name / "evaluation.csv").open())) for name in ("quick", "alone")]
+    assert [r["n"] for r in rows[0]] == ["2", "2"] and rows[0] == rows[1]
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--max-prompts", "1"], "--max-prompts"),
     (["--steps", "two"], "--steps: expected comma-separated numbers"),
     (["--steps", "0"], "--steps: step counts must be at least 1"),
 ])

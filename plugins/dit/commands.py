@@ -257,9 +257,13 @@ def _numbers(text: str | None, kind: type, option: str) -> list:
 @click.option("--model", default=None, help="With a calibration file: the pipeline (folder, hub id, or 'toy').")
 @click.option("--reward", default=None, help="Reward name (default: the run's reward; toy_oracle for the toy model).")
 @click.option("--device", default=None, help="Torch device (default: cpu).")
+@click.option("--max-prompts", type=click.IntRange(min=2), default=None,
+              help="Score only the first N held-out prompts (each keeps its seed): a quicker, noisier look.")
 @click.option("-o", "--output", type=click.Path(), default=None, help="Folder for the table and plot.")
+@click.option("--quiet", is_flag=True, help="No progress lines and no model-loading bars.")
 def evaluate_command(target: str, steps_text: str, guidance_text: str | None, prompts: str | None, seed: int | None,
-                     model: str | None, reward: str | None, device: str | None, output: str | None) -> None:
+                     model: str | None, reward: str | None, device: str | None, max_prompts: int | None,
+                     output: str | None, quiet: bool) -> None:
     """Baseline vs calibrated across NFE on held-out prompts and seeds.
 
     TARGET is a calibration run directory or a calibration file. Writes evaluation.csv,
@@ -267,9 +271,8 @@ def evaluate_command(target: str, steps_text: str, guidance_text: str | None, pr
     the model loads.
     """
     from calibri.core.errors import UserError
+    from calibri.core.run import quiet_libraries
 
-    from .calibration_file import off_settings, scheduler_settings, warn_off_settings
-    from .evaluation import evaluate, markdown_table, matching_nfe, off_nfe_note, plot_nfe, write_csv
     from .models import check_device
     from .objective import check_reward_spec
     from .prompts import load_prompts
@@ -287,6 +290,19 @@ def evaluate_command(target: str, steps_text: str, guidance_text: str | None, pr
     out = Path(output) if output else (path / "evaluation" if path.is_dir() else path.with_suffix("").parent / f"{path.stem}-evaluation")
     if out.exists() and not out.is_dir():
         raise UserError(f"-o/--output: {out} exists and is not a folder")
+    with quiet_libraries(quiet):
+        _evaluate(path, out, steps, guidance, model, reward, device, chosen, seed, max_prompts, quiet)
+
+
+def _evaluate(path: Path, out: Path, steps: list[int], guidance: list[float], model: str | None,
+              reward: str | None, device: str | None, chosen: Any, seed: int | None, max_prompts: int | None,
+              quiet: bool) -> None:
+    """``calibri evaluate`` once its options are checked: load, score, write, print."""
+    from calibri.core.errors import UserError
+
+    from .calibration_file import off_settings, scheduler_settings, warn_off_settings
+    from .evaluation import evaluate, markdown_table, matching_nfe, off_nfe_note, plot_nfe, write_csv
+
     objective, values, held, settings = _evaluation_target(path, model, reward, device, chosen, seed)
     height, width = objective.generator.resolution()
     warn_off_settings(path, off_settings(settings, steps=steps, guidance_scale=objective.generator.effective_guidance(),
@@ -299,6 +315,8 @@ def evaluate_command(target: str, steps_text: str, guidance_text: str | None, pr
         objective.close()
         raise UserError(f"-o/--output: cannot create {out}: {exc.strerror or exc}") from None
     texts, metadata, image_seed = held
+    if max_prompts is not None:  # image j keeps the seed derived from (image_seed, j): a prefix of the full set
+        texts, metadata = texts[:max_prompts], metadata[:max_prompts]
     variants = ["baseline", "calibrated", *[f"guidance={g:g}" for g in guidance]]
     total = len(steps) * len(variants)
     done = [0]
@@ -309,7 +327,8 @@ def evaluate_command(target: str, steps_text: str, guidance_text: str | None, pr
 
     maximize = objective.direction == "maximize"
     try:
-        rows = evaluate(objective, variants, steps, texts, metadata, image_seed, calibrated=values, progress=progress)
+        rows = evaluate(objective, variants, steps, texts, metadata, image_seed, calibrated=values,
+                        progress=None if quiet else progress)
     finally:
         objective.close()
     write_csv(rows, out / "evaluation.csv", made_for)
