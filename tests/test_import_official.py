@@ -23,6 +23,7 @@ pytest.importorskip("diffusers")
 
 from calibri.plugins.dit import tiny  # noqa: E402
 from calibri.plugins.dit.calibration_file import apply_calibration, load_calibration  # noqa: E402
+from helpers_cli import error_line  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
@@ -457,16 +458,6 @@ def test_shipped_configs_give_the_full_models_counts(tmp_path, cli_inproc):
 # User mistakes: exit 2 and one line naming the file or option
 # --------------------------------------------------------------------------------------------------
 
-def error_line(result, *needles: str) -> str:
-    output = result.stdout + result.stderr
-    assert "Traceback" not in output, output
-    assert result.returncode == 2, output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("calibri: error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert result.stdout == ""
-    return lines[0]
 
 
 def _damage_json(run: Path) -> tuple[Path, tuple[str, ...]]:

@@ -26,6 +26,7 @@ pytest.importorskip("transformers")
 from calibri.plugins.dit import tiny  # noqa: E402
 from calibri.plugins.dit.calibration import Calibrator  # noqa: E402
 from calibri.plugins.dit.calibration_file import save_calibration  # noqa: E402
+from helpers_cli import error_line  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
@@ -72,17 +73,6 @@ def calibri_subprocess(*args, cwd: Path) -> Result:
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
-def error_line(result: Result, *needles: str) -> str:
-    """The single error line of a refused command, after checking the contract."""
-    output = result.stdout + result.stderr
-    assert "Traceback" not in output, output
-    assert result.returncode == 2, output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("calibri: error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert result.stdout == "", result.stdout
-    return lines[0]
 
 
 def digests(root: Path) -> dict[str, str]:
