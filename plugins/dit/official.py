@@ -3,7 +3,6 @@ calibration file, matched entry by entry by site name (see docs/import-official.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,11 +167,10 @@ def write_document(document: dict[str, Any], out: Path) -> None:
     """Write beside ``out`` then move into place: an interrupted write leaves ``out`` as it was."""
     import json
 
+    from calibri.core.store import atomic_write_text
+
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.parent / f".{out.name}.{os.getpid()}.partial"
-        partial.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-        os.replace(partial, out)
+        atomic_write_text(out, json.dumps(document, indent=2) + "\n")
     except OSError as exc:
         raise UserError(f"-o/--output: cannot write {out}: {exc.strerror or exc}") from None
 
