@@ -10,7 +10,8 @@ import click
 from .hookspecs import hookimpl
 
 
-def _default_run_dir(config_path: str, name: str | None) -> Path:
+def default_run_dir(config_path: str, name: str | None) -> Path:
+    """``runs/<name>``: where ``calibri run`` writes without ``-o`` (the config's name, else its file's)."""
     stem = name or Path(config_path).stem
     return Path("runs") / re.sub(r"[^A-Za-z0-9._-]+", "-", stem)
 
@@ -39,7 +40,7 @@ def run_command(config_path: str, overrides: tuple[str, ...], run_dir: str | Non
     from .run import start_run
 
     config = load_config(config_path, overrides)
-    summary = start_run(config, run_dir or _default_run_dir(config_path, config.name), overwrite=overwrite,
+    summary = start_run(config, run_dir or default_run_dir(config_path, config.name), overwrite=overwrite,
                         quiet=quiet)
     _report(summary)
 

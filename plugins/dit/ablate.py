@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import re
 import shlex
 import sys
 import time
@@ -28,8 +27,10 @@ from .ablation_study import DEFAULT_VALUES
 
 def default_output(config_path: str, name: str | None) -> Path:
     """``runs/<name>-ablation``: beside the run directory ``calibri run`` would use."""
-    stem = name or Path(config_path).stem
-    return Path("runs") / (re.sub(r"[^A-Za-z0-9._-]+", "-", stem) + "-ablation")
+    from calibri.core.commands import default_run_dir
+
+    run_dir = default_run_dir(config_path, name)
+    return run_dir.with_name(run_dir.name + "-ablation")
 
 
 @click.command("ablate")
