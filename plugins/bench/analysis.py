@@ -425,13 +425,18 @@ class CalibrationRun(RunData):
         return None if not len(self.best) or not math.isfinite(self.best[-1]) else self.reward(float(self.best[-1]))
 
 
-def image_counts(records: Sequence[dict[str, Any]], per_evaluation: int | None) -> list[int]:
-    """Images each evaluation generated: the objective's ``n_images`` artifact (bucket size × step
-    counts), or ``per_evaluation`` where a record has none (a failed candidate)."""
+def image_counts(records: Sequence[dict[str, Any]], problem: Any) -> list[int]:
+    """Images each evaluation generated: the objective's ``n_images`` artifact (its round's bucket
+    size × step counts), or what the problem's candidates make in that round where a record has
+    none (a failed candidate)."""
+    from calibri.plugins.dit.buckets import BucketSchedule
+
+    schedule = BucketSchedule(problem.images_schedule or ((0, int(problem.images_per_evaluation or 0)),))
     out = []
     for record in records:
         n = (record.get("artifacts") or {}).get("n_images")
-        out.append(int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else int(per_evaluation or 0))
+        fixed = isinstance(n, (int, float)) and not isinstance(n, bool)
+        out.append(int(n) if fixed else schedule.size(int(record.get("round", 0))))
     return out
 
 
@@ -439,7 +444,7 @@ def load_calibration_run(cell: Cell, bench_dir: Path) -> CalibrationRun:
     """A calibration cell's validation curve on the training-image axis (see :class:`CalibrationRun`)."""
     records, best = cell_records(cell, bench_dir)
     direction = best.get("direction", "maximize")
-    images = image_counts(records, cell.problem.images_per_evaluation)
+    images = image_counts(records, cell.problem)
     after_round: dict[int, int] = {0: 0}
     total = 0
     for record, n in zip(records, images):
@@ -535,6 +540,7 @@ def calibration_comparison(runs: Sequence[CalibrationRun], optimizers: Sequence[
             "final_q25": float(np.percentile(finals, 25)) if finals else None,
             "final_q75": float(np.percentile(finals, 75)) if finals else None,
             "images_per_evaluation": items[seeds[0]].problem.images_per_evaluation,
+            "images_per_candidate": items[seeds[0]].problem.images_label,  # a schedule's steps too
             "training_images": int(np.median([items[s].training_images for s in seeds])),
             "validation_images": int(np.median([items[s].validation_images for s in seeds])),
             "evaluations": int(np.median([items[s].evaluations for s in seeds])),

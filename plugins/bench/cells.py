@@ -35,9 +35,20 @@ class Problem:
     run: dict[str, Any] | None = field(default=None, compare=False, hash=False)
     sigma: float | None = None                   # the calibration YAML's optimizer.sigma
     popsize: int | None = None                   # the calibration YAML's optimizer.popsize
-    images_per_evaluation: int | None = None     # bucket_size × step counts
+    images_per_evaluation: int | None = None     # bucket_size × step counts (in round 0)
+    #: A bucket-size schedule's images per evaluation: ``(first_round, images)`` steps; None when fixed.
+    images_schedule: tuple[tuple[int, int], ...] | None = None
     images_per_validation: int | None = None     # validation prompts × step counts
     plugins: tuple[str, ...] = ()
+
+    @property
+    def images_label(self) -> str:
+        """Images per evaluation: ``32``, or a schedule's ``8→16@10→32@20`` (from the round after @)."""
+        from calibri.plugins.dit.buckets import BucketSchedule
+
+        if self.images_schedule:
+            return BucketSchedule(self.images_schedule).label()
+        return str(self.images_per_evaluation or "")
 
     @property
     def is_calibration(self) -> bool:
@@ -211,8 +222,16 @@ def calibration_problem(i: int, spec: ProblemSpec) -> Problem:
     return Problem(label, run.objective.name, dict(run.objective.options), len(planned.space or ()), None,
                    run={key: dumped[key] for key in CALIBRATION_KEEPS if key in dumped},
                    sigma=run.optimizer.sigma, popsize=run.optimizer.popsize,
-                   images_per_evaluation=options.bucket_size * nfes,
-                   images_per_validation=len(held_out.prompts) * nfes, plugins=tuple(run.plugins))
+                   images_per_validation=len(held_out.prompts) * nfes, plugins=tuple(run.plugins),
+                   **image_cost(options))
+
+
+def image_cost(options: Any) -> dict[str, Any]:
+    """A calibration's images per evaluation (:class:`Problem` fields) from its checked options:
+    each candidate makes its round's bucket of prompts at each step count."""
+    schedule, nfes = options.bucket_schedule, len(options.step_counts)
+    steps = None if schedule.fixed else tuple((first, size * nfes) for first, size in schedule.steps)
+    return {"images_per_evaluation": schedule.size(0) * nfes, "images_schedule": steps}
 
 
 def popsize_for(config: BenchConfig, dimension: int, problem: Problem | None = None) -> int:
@@ -225,11 +244,17 @@ def budget_evaluations(config: BenchConfig, dimension: int, problem: Problem | N
                        images_per_evaluation: int | None = None) -> list[int]:
     """Each budget of the bench in evaluations, for a problem of ``dimension`` (an image budget:
     for candidates of ``images_per_evaluation`` images, by default the problem's)."""
+    from calibri.plugins.dit.buckets import BucketSchedule, evaluations_for_images
+
     popsize = popsize_for(config, dimension, problem)
     per = images_per_evaluation or (problem.images_per_evaluation if problem is not None else None)
+    schedule = problem.images_schedule if problem is not None and not images_per_evaluation else None
     out = []
     for i, budget in enumerate(config.budgets):
         try:
+            if schedule and budget.images is not None:
+                out.append(evaluations_for_images(BucketSchedule(schedule), popsize, budget.images))
+                continue
             out.append(budget.evaluations_for(dimension, popsize, per))
         except ValueError as exc:
             raise ConfigError(f"budgets.{i}.images", f"{exc}; problem {problem.label if problem else '?'!r} "
@@ -261,8 +286,8 @@ def setup_problem(problem: Problem, spec: Any, index: int) -> Problem:
     options = {**problem.options, **spec.objective_options}
     opts = CalibriOptions.trusted(validate_options(registration.factory, options, field_path, reserved=("device",)))
     held_out = (problem.images_per_validation or 0) // len(base.step_counts)  # validation prompts
-    return replace(problem, options=options, images_per_evaluation=opts.bucket_size * len(opts.step_counts),
-                   images_per_validation=held_out * len(opts.step_counts))
+    return replace(problem, options=options, images_per_validation=held_out * len(opts.step_counts),
+                   **image_cost(opts))
 
 
 def build_cells(config: BenchConfig, problems: list[Problem] | None = None) -> list[Cell]:

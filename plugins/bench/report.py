@@ -304,13 +304,16 @@ def _calibration_section(config: BenchConfig, runs: Sequence[analysis.Calibratio
     summary[problem.label] = {"target": target, "reference": reference, "rows": rows, "note": note,
                               "images_per_evaluation": problem.images_per_evaluation,
                               "images_per_validation": problem.images_per_validation, "png": png.name}
-    per_candidate = sorted({row["images_per_evaluation"] for row in rows if row["images_per_evaluation"]})
+    per_candidate = sorted({row["images_per_candidate"] for row in rows if row["images_per_candidate"]},
+                           key=lambda label: (len(label), label))
     lines = [f"## Calibration: {problem.label}", "",
              f"d = {problem.dimension} scales; {_plural(len(seeds), 'seed')} per optimiser; budgets: "
              f"{', '.join(b.label for b in config.budgets)} (the largest is what every cell runs). **Cost** is "
              f"training images: every candidate makes bucket size × step counts = "
-             f"{' or '.join(map(str, per_candidate))} images"
-             + (" (per set-up: see the cost table)" if len(per_candidate) > 1 else "") + ". "
+             f"{' or '.join(per_candidate)} images"
+             + (" (per set-up: see the cost table)" if len(per_candidate) > 1 else "")
+             + ("; `a→b@r` is a bucket-size schedule: b images from round r on" if any("@" in c for c in per_candidate)
+                else "") + ". "
              f"**Score** is the held-out validation {value_name} of the run's selected point (the best "
              f"validated so far: what the run returns if stopped there). Validation images "
              f"({problem.images_per_validation} per validated point) pick the result and are counted apart, not "
@@ -357,7 +360,7 @@ def _calibration_section(config: BenchConfig, runs: Sequence[analysis.Calibratio
                      "wall s (cell)"],
                     [[row["optimizer"] + (" (ref.)" if row["reference"] else ""),
                       f"{_fmt(row['final_median'], 4)} [{_fmt(row['final_q25'], 4)}, {_fmt(row['final_q75'], 4)}]",
-                      p_text(row, "final"), str(row["images_per_evaluation"]), str(row["training_images"]),
+                      p_text(row, "final"), row["images_per_candidate"], str(row["training_images"]),
                       str(row["validation_images"]), str(row["evaluations"]), f"{row['wall_seconds']:.0f}",
                       f"{row['wall_seconds_median']:.0f}"] for row in rows])
     return lines + [""]

@@ -30,6 +30,7 @@ from calibri.core.options import options_model
 from calibri.core.space import Params, Space
 
 if TYPE_CHECKING:
+    from .buckets import BucketSchedule
     from .calibration import Calibrator
 
 Granularity = Literal["block", "layer", "gate"]
@@ -85,7 +86,7 @@ class CalibriOptions(pydantic.BaseModel):
     reward: Any = "toy_oracle"
     prompts: Any = "toy/calibration"
     validation_prompts: Any = "toy/validation"
-    bucket_size: int = 16
+    bucket_size: int | list[tuple[int, int]] = 16  # a count, or [[first_round, size], ...] (buckets.py)
     validation_seed: int = 0
     steps: int | list[int] = 15
     steps_combine: Literal["mean", "worst"] = "mean"
@@ -108,15 +109,28 @@ class CalibriOptions(pydantic.BaseModel):
         """The NFEs the calibration is made for, ascending (one for ``steps: 4``)."""
         return (self.steps,) if isinstance(self.steps, int) else tuple(self.steps)
 
-    @pydantic.field_validator("copies", "time_buckets", "bucket_size", "batch_size")
+    @property
+    def bucket_schedule(self) -> "BucketSchedule":
+        """Prompts per round as a schedule (one step from round 0 for a fixed ``bucket_size``)."""
+        from .buckets import BucketSchedule
+
+        return BucketSchedule.of(self.bucket_size)
+
+    @pydantic.field_validator("bucket_size", mode="before")
+    @classmethod
+    def _bucket_size(cls, value: Any) -> Any:
+        from .buckets import check_bucket_size
+
+        return check_bucket_size(value, MAX_BUCKET_SIZE)
+
+    @pydantic.field_validator("copies", "time_buckets", "batch_size")
     @classmethod
     def _count(cls, value: int, info: pydantic.ValidationInfo) -> int:
         from .calibration import MAX_COPIES, MAX_TIME_BUCKETS
 
         if value < 1:
             raise ValueError(f"must be at least 1, got {value}")
-        most = {"copies": MAX_COPIES, "time_buckets": MAX_TIME_BUCKETS, "bucket_size": MAX_BUCKET_SIZE,
-                "batch_size": MAX_BATCH_SIZE}[info.field_name]
+        most = {"copies": MAX_COPIES, "time_buckets": MAX_TIME_BUCKETS, "batch_size": MAX_BATCH_SIZE}[info.field_name]
         if value > most:
             raise ValueError(f"must be at most {most}, got {value}")
         return value
@@ -448,7 +462,7 @@ def calibri_stream(seed: int, **options: Any) -> Any:
     train = load_prompts(opts.prompts, f"{FIELD}.prompts")
     validation = (load_prompts(opts.validation_prompts, f"{FIELD}.validation_prompts")
                   if opts.validation_prompts is not None else None)
-    return PromptStream(train, opts.bucket_size, seed, validation, opts.validation_seed)
+    return PromptStream(train, opts.bucket_schedule, seed, validation, opts.validation_seed)
 
 
 class CalibriObjective(Objective):

@@ -20,11 +20,14 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from calibri.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from .buckets import BucketSchedule
 
 #: Prompt sets shipped with calibri, by name → file inside the installed package.
 SHIPPED: dict[str, tuple[str, str]] = {
@@ -157,17 +160,19 @@ class PromptStream:
     counter, continues the stream exactly and no prompt repeats before every one was used.
     """
 
-    def __init__(self, train: PromptSet, bucket_size: int, seed: int, validation: PromptSet | None = None,
-                 validation_seed: int = 0) -> None:
-        self.train, self.bucket_size, self.seed = train, bucket_size, seed
+    def __init__(self, train: PromptSet, bucket_size: "int | BucketSchedule", seed: int,
+                 validation: PromptSet | None = None, validation_seed: int = 0) -> None:
+        from .buckets import BucketSchedule
+
+        self.train, self.schedule, self.seed = train, BucketSchedule.of(bucket_size), seed
         self.validation, self.validation_seed = validation, validation_seed
         self._cache: tuple[int, np.ndarray] | None = None  # the current epoch's permutation
 
     def indices(self, round_index: int) -> list[int]:
         n = len(self.train)
-        start = round_index * self.bucket_size
+        start = self.schedule.start(round_index)
         out = []
-        for position in range(start, start + self.bucket_size):
+        for position in range(start, start + self.schedule.size(round_index)):
             epoch, offset = divmod(position, n)
             out.append(int(self._permutation(epoch)[offset]))
         return out

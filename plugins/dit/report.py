@@ -24,13 +24,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from calibri.core.errors import UserError
 from calibri.core.report import pyplot
 from calibri.core.space import Params
+
+if TYPE_CHECKING:
+    from .buckets import BucketSchedule
 
 #: The NFEs an automatic plan may add to those the calibration was made for, cheapest first.
 DEFAULT_NFE = (2, 4, 8, 16)
@@ -75,14 +78,20 @@ def report_cost(nfe: Sequence[int], prompts: int, variants: int, grid_prompts: i
     return variants * prompts * sum(nfe) + 2 * grid_prompts * grid_steps
 
 
-def run_cost(run_dir: Path, bucket_size: int, step_counts: Sequence[int], validation_prompts: int) -> int:
-    """Image-steps the run made: each trial scored ``bucket_size`` prompts, each validation
-    record ``validation_prompts``, at every NFE it was calibrated for (counted from the run's files)."""
+def run_cost(run_dir: Path, bucket_size: "int | BucketSchedule", step_counts: Sequence[int],
+             validation_prompts: int) -> int:
+    """Image-steps the run made: each trial scored its round's bucket of prompts (``bucket_size``:
+    a count or a schedule), each validation record ``validation_prompts``, at every NFE it was
+    calibrated for (counted from the run's files)."""
     from calibri.core.store import RunStore
 
+    from .buckets import BucketSchedule
+
     store = RunStore(run_dir)
+    schedule = BucketSchedule.of(bucket_size)
     per_nfe = sum(step_counts)
-    return (len(store.read_trials()) * bucket_size + len(store.read_validation()) * validation_prompts) * per_nfe
+    trained = sum(schedule.size(int(trial.get("round", 0))) for trial in store.read_trials())
+    return (trained + len(store.read_validation()) * validation_prompts) * per_nfe
 
 
 def plan_report(made_for: Sequence[int], available: int, run_image_steps: int, variants: int,
@@ -209,7 +218,7 @@ def write_report(run_dir: str | Path, nfe: Sequence[int] | None = None, guidance
                  else "TRAINING prompts of round 0 (the run has no validation set: gains are overstated)")
         made_for = list(objective.step_counts)
         variants = ["baseline", "calibrated", *[f"guidance={g:g}" for g in guidance]]
-        spent = run_cost(run_dir, objective.options.bucket_size, made_for,
+        spent = run_cost(run_dir, objective.options.bucket_schedule, made_for,
                          len(all_prompts) if getattr(stream, "has_validation", False) else 0)
         plan_ = plan_report(made_for, len(all_prompts), spent, len(variants), nfe, prompts, grid_prompts,
                             budget_fraction)
@@ -265,7 +274,7 @@ def _summary_text(run_dir: Path, best: dict[str, Any], config: dict[str, Any], o
              f"{objective.calibrator.count()} parameters ({opts.copies} cop{'y' if opts.copies == 1 else 'ies'}, "
              f"form {objective.calibrator.form})",
              f"- optimiser `{config['optimizer']['name']}`, {best['rounds']} rounds, {best['evaluations']} evaluations, "
-             f"{best['elapsed_seconds']:.0f} s; bucket {opts.bucket_size} prompts per round, {nfes} steps{combined}",
+             f"{best['elapsed_seconds']:.0f} s; bucket {opts.bucket_schedule.label()} prompts per round, {nfes} steps{combined}",
              f"- calibrated for: {describe_settings(objective.calibrated_for())}",
              f"- result: {how}; written to `calibration.json`",
              f"- this report: {plan_.describe()}"]
