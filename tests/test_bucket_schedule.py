@@ -47,6 +47,8 @@ def test_evaluations_for_an_image_budget_follow_the_schedule():
     ([[0, 4, 1]], "step 0 must be [first_round, size], got [0, 4, 1]"),
     ([], "a schedule lists at least one [first_round, size] step"),
     (0, "must be at least 1, got 0"),
+    (1e6, "must be at most 1024, got 1000000"),
+    (2.5, "the size must be a whole number, got 2.5"),
 ])
 def test_a_bad_schedule_is_one_line_naming_the_option(value, message):
     from calibri.core.options import validate_options

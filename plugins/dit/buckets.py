@@ -69,6 +69,8 @@ class BucketSchedule:
 def check_bucket_size(value: Any, most: int) -> BucketSizeValue:
     """A checked ``bucket_size`` (raises ``ValueError`` saying what is wrong, for pydantic)."""
     def count(item: Any, what: str) -> int:
+        if isinstance(item, float) and item.is_integer():  # YAML's 1e6, as pydantic takes it for an int
+            return int(item)
         if isinstance(item, bool) or not isinstance(item, int):
             raise ValueError(f"{what} must be a whole number, got {item!r}")
         return item
