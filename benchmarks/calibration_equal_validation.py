@@ -12,7 +12,6 @@ target, ERT and the paired sign tests (uncorrected; Holm multiplies by the numbe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -20,18 +19,17 @@ import numpy as np
 from scipy.stats import binomtest
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def cell_curve(cell: Path, every: int | None) -> tuple[list[tuple[int, float]], float]:
     """(training images after the validated round, best validated reward so far) points, and the final."""
+    from calibri.core.store import RunStore
+
+    store = RunStore(cell)
     after: dict[int, int] = {0: 0}
     total = 0
-    for trial in read_jsonl(cell / "trials.jsonl"):
+    for trial in store.read_trials():
         total += int(trial.get("artifacts", {}).get("n_images", 0))
         after[int(trial["round"]) + 1] = total
-    validations = read_jsonl(cell / "validation.jsonl")
+    validations = store.read_validation()
     last = max(int(v["after_round"]) for v in validations)
     best, points = -math.inf, []
     for record in validations:
